@@ -1,0 +1,253 @@
+"""Hugging Face checkpoint interop: `load(path) -> (ModelConfig, params)` and `save(config, params, path)`.
+
+A checkpoint is a local directory with `config.json` and `*.safetensors` (one file, or shards with
+`model.safetensors.index.json`). What `save` writes loads in `transformers.AutoModelForCausalLM`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from exrl.models.config import DTYPES, SUPPORTED_MODEL_TYPES, ModelConfig
+from exrl.models.decoder import param_shapes
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that cannot be loaded, with the reason."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict, *, param_dtype: str = "float32", compute_dtype: str = "float32") -> ModelConfig:
+  """Map an HF config.json dict to ModelConfig (transformers 4.x and 5.x rope layouts)."""
+  model_type = hf.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+  if hf.get("use_sliding_window"):
+    raise CheckpointError("use_sliding_window=True is not supported (full attention only)")
+  if hf.get("mlp_bias"):
+    raise CheckpointError("mlp_bias=True is not supported")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; supported: ('silu',)")
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+  rope_scaling = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float))))
+  heads = hf["num_attention_heads"]
+  eos = hf.get("eos_token_id")
+  eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+  attention_bias = bool(hf.get("attention_bias", False))
+  return ModelConfig(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, model_type=model_type,
+      max_position_embeddings=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
+      rope_type=rope_type, rope_scaling=rope_scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=model_type == "qwen2" or attention_bias, o_bias=model_type == "llama" and attention_bias,
+      qk_norm=model_type == "qwen3", param_dtype=param_dtype, compute_dtype=compute_dtype,
+      bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=hf.get("pad_token_id"))
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+  c = config
+  hf = {
+      "architectures": [_ARCHITECTURES[c.model_type]], "model_type": c.model_type,
+      "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+      "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+      "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
+      "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+      "tie_word_embeddings": c.tie_word_embeddings, "rope_theta": c.rope_theta,
+      "rope_parameters": {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **c.rope_scaling_dict},
+      "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
+      "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
+      "torch_dtype": c.param_dtype, "dtype": c.param_dtype, "use_cache": True,
+  }
+  if c.rope_type != "default":
+    hf["rope_scaling"] = {"rope_type": c.rope_type, **c.rope_scaling_dict}
+  if c.model_type == "llama":
+    hf["attention_bias"] = c.qkv_bias
+  return hf
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _hf_names(config: ModelConfig) -> dict[str, tuple[str, str | None]]:
+  """Per-layer exrl leaf -> (HF name template, kind). kind says how to reshape HF's [out, in]."""
+  names = {
+      "attn_norm": ("input_layernorm.weight", None), "mlp_norm": ("post_attention_layernorm.weight", None),
+      "wq": ("self_attn.q_proj.weight", "in_heads"), "wk": ("self_attn.k_proj.weight", "in_heads"),
+      "wv": ("self_attn.v_proj.weight", "in_heads"), "wo": ("self_attn.o_proj.weight", "heads_out"),
+      "bq": ("self_attn.q_proj.bias", "heads"), "bk": ("self_attn.k_proj.bias", "heads"),
+      "bv": ("self_attn.v_proj.bias", "heads"), "bo": ("self_attn.o_proj.bias", None),
+      "q_norm": ("self_attn.q_norm.weight", None), "k_norm": ("self_attn.k_norm.weight", None),
+      "w_gate": ("mlp.gate_proj.weight", "T"), "w_up": ("mlp.up_proj.weight", "T"),
+      "w_down": ("mlp.down_proj.weight", "T"),
+  }
+  return {k: names[k] for k in param_shapes(config)["layers"]}
+
+
+def _to_exrl(x: np.ndarray, kind: str | None, shape: tuple[int, ...]) -> np.ndarray:
+  if kind in ("T", "in_heads", "heads_out"):  # HF stores [out, in]
+    return x.T.reshape(shape)
+  return x.reshape(shape)
+
+
+def _to_hf(x: np.ndarray, kind: str | None) -> np.ndarray:
+  if kind == "in_heads":  # [D, N, E] -> [N*E, D]
+    return x.reshape(x.shape[0], -1).T
+  if kind == "heads_out":  # [N, E, D] -> [D, N*E]
+    return x.reshape(-1, x.shape[-1]).T
+  if kind == "T":
+    return x.T
+  if kind == "heads":
+    return x.reshape(-1)
+  return x
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+  """Map every tensor name to the safetensors file holding it."""
+  index = path / _INDEX
+  if index.exists():
+    weight_map = json.loads(index.read_text())["weight_map"]
+    missing = sorted({f for f in weight_map.values() if not (path / f).exists()})
+    if missing:
+      raise CheckpointError(f"{index} names shard files that are missing: {missing}")
+    return {name: path / f for name, f in weight_map.items()}
+  files = sorted(path.glob("*.safetensors"))
+  if not files:
+    found = sorted(p.name for p in path.iterdir())
+    raise CheckpointError(f"no *.safetensors weights in {path} (found: {found}); exrl reads safetensors only")
+  out = {}
+  for f in files:
+    with _open(f) as st:
+      out.update({name: f for name in st.keys()})
+  return out
+
+
+def _open(file: Path):
+  try:
+    return safe_open(str(file), framework="np")
+  except (SafetensorError, OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt safetensors file?)") from e
+
+
+def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype: str = "float32"
+         ) -> tuple[ModelConfig, dict]:
+  """Load a local HF checkpoint directory into (ModelConfig, params) with params in `param_dtype`."""
+  path = Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"{path} is not a directory; expected a local HF checkpoint directory")
+  if not (path / "config.json").exists():
+    raise CheckpointError(f"{path} has no config.json")
+  config = config_from_hf(json.loads((path / "config.json").read_text()),
+                          param_dtype=param_dtype, compute_dtype=compute_dtype)
+  files = _weight_files(path)
+  handles: dict[Path, object] = {}
+
+  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name not in files:
+      raise CheckpointError(f"tensor {name!r} is missing from {path}")
+    f = files[name]
+    if f not in handles:
+      handles[f] = _open(f).__enter__()
+    try:
+      x = handles[f].get_tensor(name)
+    except Exception as e:  # a truncated data section fails here, not at open
+      raise CheckpointError(f"cannot read tensor {name!r} from {f}: {e}") from e
+    if tuple(x.shape) != tuple(shape):
+      raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(x.shape)}, expected {list(shape)}")
+    return x
+
+  shapes = param_shapes(config)
+  dtype = DTYPES[param_dtype]
+  put = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
+  params = {"embed": put(get("model.embed_tokens.weight", shapes["embed"])),
+            "final_norm": put(get("model.norm.weight", shapes["final_norm"]))}
+  if not config.tie_word_embeddings:
+    params["lm_head"] = put(get("lm_head.weight", shapes["lm_head"][::-1]).T)
+  layers = {}
+  for leaf, (template, kind) in _hf_names(config).items():
+    per_layer = shapes["layers"][leaf][1:]
+    hf_shape = _hf_shape(per_layer, kind)
+    stacked = [_to_exrl(get(f"model.layers.{i}.{template}", hf_shape), kind, per_layer)
+               for i in range(config.num_layers)]
+    layers[leaf] = put(np.stack(stacked))
+  params["layers"] = layers
+  for h in handles.values():
+    h.__exit__(None, None, None)
+  return config, params
+
+
+def _hf_shape(shape: tuple[int, ...], kind: str | None) -> tuple[int, ...]:
+  """The [out, in] shape HF stores for an exrl per-layer leaf of `shape`."""
+  if kind == "in_heads":  # [D, N, E]
+    return (shape[1] * shape[2], shape[0])
+  if kind == "heads_out":  # [H, E, D]
+    return (shape[2], shape[0] * shape[1])
+  if kind == "T":
+    return shape[::-1]
+  if kind == "heads":
+    return (int(np.prod(shape)),)
+  return shape
+
+
+# ----------------------------------------------------------------------------- save
+
+
+def save(config: ModelConfig, params: dict, path: str | os.PathLike, *,
+         max_shard_bytes: int = 4 << 30) -> Path:
+  """Write config.json and safetensors (sharded with an index past `max_shard_bytes`)."""
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  host = lambda x: np.asarray(np.asarray(x, np.float32), _np_dtype(config.param_dtype))
+  tensors = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
+  if not config.tie_word_embeddings:
+    tensors["lm_head.weight"] = np.ascontiguousarray(host(params["lm_head"]).T)
+  for leaf, (template, kind) in _hf_names(config).items():
+    stacked = host(params["layers"][leaf])
+    for i in range(config.num_layers):
+      tensors[f"model.layers.{i}.{template}"] = np.ascontiguousarray(_to_hf(stacked[i], kind))
+  shards, current, size = [], {}, 0
+  for name, x in tensors.items():
+    if current and size + x.nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name] = x
+    size += x.nbytes
+  shards.append(current)
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, str(path / fname), metadata=meta)
+      weight_map.update({name: fname for name in shard})
+    total = sum(x.nbytes for x in tensors.values())
+    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+  return path
+
+
+def _np_dtype(name: str):
+  if name == "bfloat16":
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+  return np.dtype(name)
