@@ -18,7 +18,7 @@ def _corpus(n=600, seed=0):
   return out
 
 
-def _save_hf_tokenizer(path, *, pad=False, chat_template=None, gen_eos=None):
+def _save_hf_tokenizer(path, *, pad=False, bos=True, chat_template=None, gen_eos=None):
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
@@ -29,7 +29,9 @@ def _save_hf_tokenizer(path, *, pad=False, chat_template=None, gen_eos=None):
   trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
   tok.train_from_iterator(_corpus() + ["hello world, the quick brown fox"] * 20, trainer=trainer)
-  kw = dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>", additional_special_tokens=["<|im_end|>"])
+  kw = dict(eos_token="</s>", unk_token="<unk>", additional_special_tokens=["<|im_end|>"])
+  if bos:
+    kw["bos_token"] = "<s>"
   if pad:
     kw["pad_token"] = "<pad>"
   fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
@@ -62,10 +64,13 @@ def test_hf_round_trip_special_ids_and_chat_template(tmp_path):
   assert tok.apply_chat_template(msgs, add_generation_prompt=False) == "<|user|>2+2=\n"
 
 
-def test_hf_explicit_pad_and_plain_chat_fallback(tmp_path):
-  _save_hf_tokenizer(tmp_path, pad=True)
+def test_hf_explicit_pad_no_bos_and_plain_chat_fallback(tmp_path):
+  _save_hf_tokenizer(tmp_path, pad=True, bos=False)
   tok = tk.load_tokenizer(tmp_path)
-  assert tok.pad_id == 0 and tok.eos_id == 2 and tok.stop_ids == (2,)
+  assert tok.pad_id == 0 and tok.eos_id == 2 and tok.stop_ids == (2,) and tok.bos_id is None
+  assert tok.encode("1+1=", add_eos=True)[-1] == 2
+  with pytest.raises(ValueError, match="add_bos=True but the tokenizer .* has no bos token"):
+    tok.encode("1+1=", add_bos=True)
   msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1="}]
   assert tok.apply_chat_template(msgs) == "system: be brief\nuser: 1+1=\nassistant: "
 
