@@ -138,9 +138,13 @@ def test_keep_last_k_and_interval(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["8", "9"]  # old steps and trash removed
 
 
-def test_restore_without_checkpoint_names_directory(tmp_path):
-  with Checkpointer(tmp_path / "empty") as ckpt, pytest.raises(FileNotFoundError, match="empty"):
-    ckpt.restore()
+def test_restore_without_checkpoint_and_bad_meta_fail_clearly(tmp_path):
+  with Checkpointer(tmp_path / "empty") as ckpt:
+    with pytest.raises(FileNotFoundError, match="empty"):
+      ckpt.restore()
+    with pytest.raises(TypeError, match="not JSON-serialisable"):
+      ckpt.save(1, {"x": jnp.ones(2)}, {"lr": np.float32(1.0)})
+    assert ckpt.all_steps() == []
 
 
 def test_async_save_survives_donation_of_state(tmp_path):

@@ -23,14 +23,16 @@ background thread, so the caller may donate / overwrite the state right after `s
 
 from __future__ import annotations
 
+import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint.path import step as ocp_step
 
 _STATE, _META = "state", "meta"
 _TRASH = "_deleted"  # old steps are renamed here before removal
@@ -69,7 +71,9 @@ class Checkpointer:
       raise ValueError(f"keep={keep} must be >= 1 (number of checkpoints kept)")
     if save_interval_steps < 1:
       raise ValueError(f"save_interval_steps={save_interval_steps} must be >= 1")
-    self.directory = Path(directory).absolute()
+    self.directory = epath.Path(directory)  # epath: local dirs and gs:// alike
+    if not str(directory).startswith("gs://"):
+      self.directory = self.directory.absolute()
     self.keep = keep
     self.save_interval_steps = save_interval_steps
     options = ocp.CheckpointManagerOptions(
@@ -87,10 +91,11 @@ class Checkpointer:
 
   # ---- queries -------------------------------------------------------------------------------
 
-  def _is_complete(self, step_dir: Path) -> bool:
-    """A committed step dir: final name, orbax step metadata and both items' metadata present."""
+  def _is_complete(self, step_dir: epath.Path) -> bool:
+    """A committed step dir: final name (or commit marker on GCS) and both items' metadata."""
     return (
         step_dir.name.isdigit()
+        and ocp_step.is_path_finalized(step_dir)
         and (step_dir / "_CHECKPOINT_METADATA").is_file()
         and (step_dir / _STATE / "_METADATA").is_file()
         and (step_dir / _META / "metadata").is_file()
@@ -117,6 +122,10 @@ class Checkpointer:
     """
     if not isinstance(meta, dict):
       raise TypeError(f"meta must be a JSON-serialisable dict, got {type(meta).__name__}")
+    try:
+      json.dumps(meta)  # fail here, not later in orbax's background thread
+    except (TypeError, ValueError) as e:
+      raise TypeError(f"meta is not JSON-serialisable: {e}") from e
     step = int(step)
     steps = self.all_steps()
     if step in steps:
@@ -181,8 +190,12 @@ class Checkpointer:
     self.close()
 
   def _purge_trash(self) -> None:
-    if jax.process_index() == 0:
-      shutil.rmtree(self.directory / _TRASH, ignore_errors=True)
+    trash = self.directory / _TRASH
+    if jax.process_index() == 0 and trash.exists():
+      try:
+        trash.rmtree()
+      except FileNotFoundError:  # a concurrent purge got there first
+        pass
 
 
 # ---- host RNG state <-> JSON ---------------------------------------------------------------------
