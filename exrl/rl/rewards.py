@@ -16,6 +16,7 @@ import atexit
 import math
 import multiprocessing as mp
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -87,8 +88,9 @@ class VerifierPool:
   """Persistent worker processes that run verifier calls, each under `timeout_s` seconds of wall-clock time.
 
   A call's deadline starts when a ready worker receives it (worker start-up is not charged to it), so a batch of B
-  calls takes about ceil(B / num_workers) * timeout_s at worst. `fn` and its arguments must be picklable
-  (module-level functions, dataclasses). The default "forkserver" start method forks workers from a clean server
+  calls takes about ceil(B / num_workers) * timeout_s at worst. `fn` and its arguments must be picklable, and `fn`
+  importable by name in a fresh process (a module-level function of an importable module, not one defined in
+  `__main__` or a lambda; those score 0 and count as errors). `map` is serialised by a lock, so threads may share a pool. The default "forkserver" start method forks workers from a clean server
   process: safe next to a multithreaded JAX parent, and cheap to replace after a kill.
   """
 
@@ -104,6 +106,7 @@ class VerifierPool:
     if start_method == "forkserver":
       self._ctx.set_forkserver_preload(_PRELOAD)
     self._workers: list[_Worker] = []
+    self._lock = threading.Lock()
 
   def _ensure_workers(self) -> None:
     alive = []
@@ -127,6 +130,10 @@ class VerifierPool:
     `verifier_timeouts` and `verifier_errors`, `verifier_time_s` (wall seconds for the batch) and the first few error
     messages under `verifier_error_examples`. Raises RuntimeError only if worker processes cannot be started at all.
     """
+    with self._lock:
+      return self._map(fn, jobs)
+
+  def _map(self, fn: Callable[..., float], jobs: Sequence[tuple]) -> tuple[np.ndarray, dict[str, Any]]:
     t0 = time.perf_counter()
     scores = np.zeros(len(jobs), np.float32)
     timeouts = errors = start_failures = 0
@@ -202,9 +209,10 @@ class VerifierPool:
     return scores, info
 
   def close(self) -> None:
-    for w in self._workers:
-      w.stop()
-    self._workers = []
+    with self._lock:
+      for w in self._workers:
+        w.stop()
+      self._workers = []
 
   def __enter__(self) -> VerifierPool:
     return self
