@@ -1,0 +1,82 @@
+"""Evaluation: pass@1 at a sampling temperature and greedy accuracy, with 95% Wilson intervals."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from exrl.models.config import ModelConfig
+from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """95% Wilson score interval for a binomial proportion (well-behaved near 0 and 1)."""
+  if n == 0:
+    return (0.0, 1.0)
+  p = successes / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  batch_size: int = 128
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  samples_per_problem: int = 1  # pass@1 is averaged over these samples
+  greedy: bool = True
+  seed: int = 1234
+
+
+def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
+                   key: jax.Array, batch_size: int, encode: Callable[[str], list[int]] | None = None
+                   ) -> tuple[list[str], np.ndarray]:
+  """Decoded completions and their lengths in tokens, batched (the last batch padded with repeats)."""
+  encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
+  texts, lengths = [], []
+  for i, start in enumerate(range(0, len(prompts), batch_size)):
+    chunk = list(prompts[start:start + batch_size])
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compile
+    tokens, valid = pad_prompts([encode(p) for p in chunk], tokenizer.pad_id)
+    out = sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling)
+    toks, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
+    for row in range(n):
+      ids = toks[row][mask[row]].tolist()
+      texts.append(tokenizer.decode(ids))
+      lengths.append(len(ids))
+  return texts, np.asarray(lengths)
+
+
+def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable, cfg: EvalConfig = EvalConfig(),
+             encode=None) -> dict:
+  """pass@1 (temperature `cfg.temperature`) and greedy accuracy over `problems`, with 95% CIs."""
+  stop = tuple(tokenizer.stop_ids)
+  prompts = [p.prompt for p in problems]
+  result = {"n": len(problems)}
+  key = jax.random.key(cfg.seed)
+  sampled = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stop,
+                           pad_id=tokenizer.pad_id)
+  scores, lens = [], []
+  for s in range(cfg.samples_per_problem):
+    texts, lengths = generate_texts(config, params, tokenizer, prompts, sampled, jax.random.fold_in(key, s),
+                                    cfg.batch_size, encode)
+    scores.append([verify(t, p) for t, p in zip(texts, problems)])
+    lens.append(lengths)
+  per_problem = np.mean(np.asarray(scores, np.float64), axis=0)
+  n_total = len(problems) * cfg.samples_per_problem
+  result.update(pass1=float(per_problem.mean()),
+                pass1_ci95=list(wilson_interval(float(np.sum(scores)), n_total)),
+                mean_len=float(np.mean(lens)), samples_per_problem=cfg.samples_per_problem)
+  if cfg.greedy:
+    greedy = dataclasses.replace(sampled, greedy=True)
+    texts, lengths = generate_texts(config, params, tokenizer, prompts, greedy, key, cfg.batch_size, encode)
+    g = np.asarray([verify(t, p) for t, p in zip(texts, problems)], np.float64)
+    result.update(greedy=float(g.mean()), greedy_ci95=list(wilson_interval(float(g.sum()), len(problems))),
+                  greedy_len=float(np.mean(lengths)), greedy_examples=texts[:3])
+  return result

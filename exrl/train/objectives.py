@@ -1,0 +1,87 @@
+"""Loss functions for the train step: RL (GRPO family) and SFT, both through `kernels.token_stats`.
+
+Per-token batch fields are aligned with `tokens` (index t describes token t), so the stats that
+predict token t come from the hidden state at t-1: everything is shifted by one here.
+
+Micro-batch fields ([Bm, T] unless noted): tokens, valid, positions, loss_mask (float, 1 where a
+token carries loss), and for RL old_logp, ref_logp (k3 KL), adv [Bm], trace_id [Bm], group_id [Bm].
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from exrl.models import decoder
+from exrl.models.config import ModelConfig
+from exrl.rl.losses import LossConfig, policy_loss
+
+
+def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, remat: bool = False,
+                  implementation: str = "auto"):
+  """Token stats for tokens[:, 1:] from one forward pass; fields are float32[Bm, T-1]."""
+  B, T = mb["tokens"].shape
+  hidden = decoder.hidden_states(config, params, mb["tokens"], mb["valid"], mb["positions"], remat=remat)
+  h_NxD = hidden[:, :-1].reshape(B * (T - 1), -1)
+  targets_N = mb["tokens"][:, 1:].reshape(-1)
+  w_DxV = decoder.unembed_matrix(config, params).astype(config.dtype)
+  ref = {}
+  if ref_params is not None:
+    ref_hidden = decoder.hidden_states(config, ref_params, mb["tokens"], mb["valid"], mb["positions"])
+    ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1))
+    ref["ref_w_DxV"] = jax.lax.stop_gradient(decoder.unembed_matrix(config, ref_params).astype(config.dtype))
+  stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
+  return jax.tree.map(lambda x: None if x is None else x.reshape(B, T - 1), stats)
+
+
+def _count_weight(mask_BxT, ids_B, aggregation: str):
+  """How many units the aggregation averages over in this micro-batch (tokens, traces or groups)."""
+  if aggregation == "token_mean":
+    return jnp.sum(mask_BxT)
+  has_tokens_B = (jnp.sum(mask_BxT, axis=1) > 0).astype(jnp.float32)
+  if aggregation == "constant":  # Dr.GRPO divides by the number of traces, empty or not
+    has_tokens_B = jnp.ones_like(has_tokens_B)
+  present = jax.ops.segment_max(has_tokens_B, ids_B, num_segments=ids_B.shape[0])
+  return jnp.sum(present > 0).astype(jnp.float32)
+
+
+def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False, implementation: str = "auto"):
+  """(params, ref_params, mb) -> (loss, weight, metrics) for the GRPO-family policy loss."""
+  exact_kl = loss_cfg.kl_beta > 0 and loss_cfg.kl_estimator == "exact"
+
+  def fn(params, ref_params, mb):
+    stats = shifted_stats(config, params, mb, ref_params=ref_params if exact_kl else None, remat=remat,
+                          implementation=implementation)
+    mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
+    kw = dict(trace_id_B=mb["trace_id"], group_id_B=mb["group_id"])
+    if loss_cfg.kl_beta > 0:
+      kw.update(exact_kl_BxT=stats.kl) if exact_kl else kw.update(ref_logp_BxT=mb["ref_logp"][:, 1:])
+    if loss_cfg.entropy_coef > 0:
+      kw["entropy_BxT"] = stats.entropy
+    loss, metrics = policy_loss(stats.logp, mb["old_logp"][:, 1:], mb["adv"], mask, loss_cfg, **kw)
+    ids = mb["group_id"] if loss_cfg.aggregation == "prompt" else mb["trace_id"]
+    weight = _count_weight(mask, ids, loss_cfg.aggregation)
+    sg = jax.lax.stop_gradient
+    metrics = dict(metrics, entropy=_masked_mean(sg(stats.entropy), mask),
+                   self_certainty=_masked_mean(sg(stats.self_certainty), mask))
+    return loss, weight, metrics
+
+  return fn
+
+
+def sft_loss_fn(config: ModelConfig, *, remat: bool = False, implementation: str = "auto"):
+  """Token-mean negative log-likelihood over loss_mask tokens (completion tokens only)."""
+
+  def fn(params, _frozen, mb):
+    stats = shifted_stats(config, params, mb, remat=remat, implementation=implementation)
+    mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
+    n = jnp.sum(mask)
+    nll = -jnp.sum(stats.logp * mask) / jnp.maximum(n, 1.0)
+    entropy = _masked_mean(jax.lax.stop_gradient(stats.entropy), mask)
+    return nll, n, {"nll": nll, "entropy": entropy}
+
+  return fn
+
+
+def _masked_mean(x, mask):
+  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
