@@ -1,0 +1,37 @@
+"""One entry point for token statistics; dispatches to the reference, chunked-XLA or Pallas implementation."""
+import jax
+
+from kernels import pallas, reference, xla
+from kernels.stats import TokenStats, check_inputs
+
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
+
+
+def default_implementation():
+  """The Pallas kernel on TPU, chunked XLA elsewhere (CPU, GPU)."""
+  return "pallas" if jax.default_backend() == "tpu" else "xla"
+
+
+def token_stats(hidden_NxD, w_DxV, targets_N, *, ref_hidden_NxD=None, ref_w_DxV=None, temperature=1.0,
+                implementation="auto") -> TokenStats:
+  """Per-token statistics of p = softmax((hidden @ w) / temperature) without materialising [N, V] logits.
+
+  Args:
+    hidden_NxD: [N, D] final hidden states (f32 or bf16; matmul accumulates in f32).
+    w_DxV: [D, V] unembedding.
+    targets_N: int[N] target ids in [0, V).
+    ref_hidden_NxD, ref_w_DxV: optional reference model's [N, D_ref] hidden and [D_ref, V] unembedding; both or
+      neither. They are stop-gradient; the same temperature applies to them.
+    temperature: positive Python float dividing the logits.
+    implementation: "auto" (pallas on TPU, xla elsewhere), "reference", "xla" or "pallas".
+  Returns:
+    TokenStats of float32[N]: logp, lse, entropy, self_certainty, and with a reference kl = KL(p ‖ p_ref),
+    ref_logp, ref_lse. Differentiable with respect to hidden and w through every field.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+  check_inputs(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD, ref_w_DxV, temperature)
+  name = default_implementation() if implementation == "auto" else implementation
+  fn = {"reference": reference.token_stats, "xla": xla.token_stats, "pallas": pallas.token_stats}[name]
+  return fn(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD=ref_hidden_NxD, ref_w_DxV=ref_w_DxV,
+            temperature=temperature)
