@@ -125,20 +125,29 @@ def apply_rope(x_BxTxNxE, positions_BxT, inv_freq):
   return x_BxTxNxE * cos + rotated * sin
 
 
-def _attention(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, allowed_BxTxS):
+def _attention(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS):
+  # k/v kv-head-major so the score and value matmuls batch over (B, K) with no transposes.
   B, T, H, E = q_BxTxHxE.shape
-  K = k_BxSxKxE.shape[2]
+  K = k_BxKxSxE.shape[1]
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-  scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE,
+  if T == 1:
+    # One decode query: multiply-and-reduce fuses into a loop; B*K tiny batched matmuls are slow on CPU.
+    q_BxKxGxE = q_BxTxKxGxE[:, 0].astype(jnp.float32)
+    scores = jnp.sum(q_BxKxGxE[:, :, :, None, :] * k_BxKxSxE[:, :, None].astype(jnp.float32), axis=-1)
+    scores = jnp.where(allowed_BxTxS[:, None], scores, _MASK_VALUE) / math.sqrt(E)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.sum(probs[..., None] * v_BxKxSxE[:, :, None].astype(jnp.float32), axis=-2)
+    return out.astype(v_BxKxSxE.dtype).reshape(B, 1, H, E)
+  scores = jnp.einsum("btkge,bkse->bkgts", q_BxTxKxGxE, k_BxKxSxE,
                       preferred_element_type=jnp.float32) / math.sqrt(E)
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxE.dtype)
-  out = jnp.einsum("bkgts,bske->btkge", probs, v_BxSxKxE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
+  out = jnp.einsum("bkgts,bkse->btkge", probs, v_BxKxSxE)
   return out.reshape(B, T, H, E)
 
 
 def _layer(config, p, x_BxTxD, positions_BxT, inv_freq, kv_fn):
-  """One block. `kv_fn(k, v) -> (k_all, v_all, allowed_BxTxS, cache_out)` wires in the cache."""
+  """One block. `kv_fn(k_BxKxTxE, v_BxKxTxE) -> (k_all, v_all, allowed_BxTxS, cache_out)` wires in the cache."""
   dt = config.dtype
   cast = lambda name: p[name].astype(dt)
   h = rms_norm(x_BxTxD, p["attn_norm"], config.rms_norm_eps)
@@ -152,7 +161,7 @@ def _layer(config, p, x_BxTxD, positions_BxT, inv_freq, kv_fn):
     k = rms_norm(k, p["k_norm"], config.rms_norm_eps)
   q = apply_rope(q, positions_BxT, inv_freq)
   k = apply_rope(k, positions_BxT, inv_freq)
-  k_all, v_all, allowed_BxTxS, cache_out = kv_fn(k, v)
+  k_all, v_all, allowed_BxTxS, cache_out = kv_fn(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
   attn = _attention(q, k_all, v_all, allowed_BxTxS)
   out = jnp.einsum("bthe,hed->btd", attn, cast("wo"))
   if config.o_bias:
@@ -217,11 +226,27 @@ def project(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array) -> jax.A
 # ----------------------------------------------------------------------------- KV cache
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int) -> dict:
-  """An empty cache: k/v [L, B, S, K, E] in compute dtype and valid_BxS marking filled slots."""
-  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype),
-          "valid": jnp.zeros((batch, max_len), bool)}
+def init_cache(config: ModelConfig, batch: int, max_len: int, *, per_layer: bool = False) -> dict:
+  """An empty cache: k/v [L, B, K, S, E] in compute dtype and valid_BxS marking filled slots.
+
+  per_layer=True keeps k/v as tuples of L arrays [B, K, S, E]: `decode_step` then unrolls the
+  layers and updates each array in place, which avoids per-step cache slicing/copies in a
+  decode loop (pair it with `unstack_layers(params)`).
+  """
+  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  if per_layer:
+    k = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+  else:
+    k = jnp.zeros((config.num_layers, *shape), config.dtype)
+    v = jnp.zeros((config.num_layers, *shape), config.dtype)
+  return {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool)}
+
+
+def unstack_layers(params: dict) -> dict:
+  """params with "layers" split into a tuple of per-layer dicts (for unrolled decoding)."""
+  L = jax.tree.leaves(params["layers"])[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda a, l=l: a[l], params["layers"]) for l in range(L))}
 
 
 def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positions_BxT: jax.Array,
@@ -229,7 +254,8 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positi
   """Run T new tokens written at cache slots [index, index+T); returns (hidden_BxTxD, cache).
 
   All rows share slot numbering (prompts are left-padded), so a query at slot i sees the
-  valid slots <= i.
+  valid slots <= i. params["layers"] may be stacked (scanned) or a tuple from `unstack_layers`;
+  the cache may be stacked or per-layer (`init_cache(per_layer=True)`, layers unrolled).
   """
   B, T = tokens_BxT.shape
   S = cache["valid"].shape[1]
@@ -239,16 +265,27 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positi
   inv_freq = rope_inv_freq(config)
   x = params["embed"].astype(config.dtype)[tokens_BxT]
 
-  def body(x, layer):
-    p, k_cache, v_cache = layer
-
+  def layer(x, p, k_cache, v_cache):
     def kv_fn(k, v):
-      k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-      v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+      k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+      v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
       return k_all, v_all, allowed_BxTxS, (k_all, v_all)
 
     return _layer(config, p, x, positions_BxT, inv_freq, kv_fn)
 
-  x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+  if isinstance(cache["k"], (tuple, list)):
+    layers = params["layers"]
+    k_new, v_new = [], []
+    for l in range(config.num_layers):
+      p = layers[l] if isinstance(layers, (tuple, list)) else jax.tree.map(lambda a: a[l], layers)
+      x, (k_l, v_l) = layer(x, p, cache["k"][l], cache["v"][l])
+      k_new.append(k_l)
+      v_new.append(v_l)
+    k_new, v_new = tuple(k_new), tuple(v_new)
+  else:
+    if isinstance(params["layers"], (tuple, list)):
+      raise ValueError("unstacked params need a per-layer cache: init_cache(..., per_layer=True)")
+    x, (k_new, v_new) = jax.lax.scan(lambda x, a: layer(x, *a), x,
+                                     (params["layers"], cache["k"], cache["v"]))
   h = rms_norm(x, params["final_norm"], config.rms_norm_eps)
   return h, {"k": k_new, "v": v_new, "valid": valid_BxS}

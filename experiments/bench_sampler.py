@@ -1,0 +1,115 @@
+"""python -m experiments.bench_sampler
+
+exrl's jitted KV-cache sampler vs transformers `model.generate` on the same tiny random Qwen2
+weights (vocab 32000, hidden 256, mlp 704, 4 layers, 4 heads / 2 kv heads, tied embeddings):
+batch 16, prompt 32, 128 new tokens, temperature 1, no top-k/top-p, no eos (both sides always
+generate all 128 tokens). Both run on the same number of CPU threads: XLA's CPU client uses one
+thread per core it can see, so torch gets `torch.set_num_threads(that count)` (2 on the dev box).
+Compile time is excluded from exrl's timing and reported apart; timings are medians of repeats
+measured side by side in one run.
+
+Runtime on 2 CPU cores: ~1 min. Result measured on the 2-core dev box (shared with other jobs):
+  FILLED IN BELOW AFTER MEASUREMENT
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+import transformers
+import tyro
+
+from exrl.models import hf
+from exrl.rollout import sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  batch: int = 16
+  prompt_len: int = 32
+  new_tokens: int = 128
+  repeats: int = 5
+  seed: int = 0
+  out_dir: str = "runs/bench_sampler"
+
+
+def build_model(path: Path, seed: int) -> transformers.PreTrainedModel:
+  """The issue's tiny random Qwen2, saved to `path`; eos/bos None so nothing stops early."""
+  torch.manual_seed(seed)
+  cfg = transformers.Qwen2Config(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
+                                 pad_token_id=0, torch_dtype=torch.float32)
+  model = transformers.Qwen2ForCausalLM(cfg).eval()
+  model.generation_config.eos_token_id = None
+  model.generation_config.pad_token_id = 0
+  model.save_pretrained(path)
+  return model
+
+
+def main(args: Args) -> dict:
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)  # match XLA's CPU thread pool (one thread per visible core)
+  with tempfile.TemporaryDirectory() as tmp:
+    model = build_model(Path(tmp), args.seed)
+    config, params = hf.load(tmp)
+  rng = np.random.default_rng(args.seed)
+  prompts_BxP = rng.integers(3, config.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+  valid_BxP = np.ones_like(prompts_BxP, bool)
+  sampling = sampler.SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0, stop_token_ids=())
+  n_tokens = args.batch * args.new_tokens
+
+  def run_exrl(i):
+    out = sampler.sample(config, params, prompts_BxP, valid_BxP, jax.random.key(i), sampling)
+    jax.block_until_ready(out)
+    return out
+
+  t0 = time.perf_counter()
+  out = run_exrl(0)  # compile + one run
+  first_s = time.perf_counter() - t0
+  assert int(out.lengths_B.min()) == args.new_tokens, "exrl stopped early"
+
+  input_ids = torch.tensor(prompts_BxP, dtype=torch.long)
+  attention_mask = torch.ones_like(input_ids)
+
+  def run_hf(i):
+    torch.manual_seed(i)
+    with torch.no_grad():
+      return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=1.0,
+                            top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
+                            eos_token_id=None, pad_token_id=0)
+
+  seq = run_hf(0)  # warm-up
+  assert seq.shape == (args.batch, args.prompt_len + args.new_tokens), seq.shape
+
+  exrl_s, hf_s = [], []
+  for i in range(args.repeats):  # interleaved so background load hits both sides alike
+    t0 = time.perf_counter()
+    run_exrl(i + 1)
+    exrl_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    run_hf(i + 1)
+    hf_s.append(time.perf_counter() - t0)
+  exrl_med, hf_med = statistics.median(exrl_s), statistics.median(hf_s)
+  print(f"threads={threads} (jax devices: {jax.devices()}, torch threads: {torch.get_num_threads()})")
+  print(f"exrl runs (s): {[round(t, 3) for t in exrl_s]}")
+  print(f"hf   runs (s): {[round(t, 3) for t in hf_s]}")
+  result = {"exrl_tok_s": round(n_tokens / exrl_med, 1), "hf_tok_s": round(n_tokens / hf_med, 1),
+            "ratio": round(hf_med / exrl_med, 2), "compile_s": round(first_s - exrl_med, 2)}
+  out_dir = Path(args.out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / "result.json").write_text(json.dumps(result) + "\n")
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main(tyro.cli(Args))
