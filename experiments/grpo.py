@@ -1,0 +1,125 @@
+"""GRPO-family RL on a local HF model and a local math dataset: the entry point for real work.
+
+  python -m experiments.grpo --model /path/to/Qwen2.5-1.5B-Instruct --data train.jsonl --preset intuitor
+
+`--reward verifier | self_certainty | mix`: math-verify on the final answer, Intuitor's self-certainty
+(no labels used), or both normalised per group and summed with `--rl.mix-weights`. `--preset intuitor`
+sets the published Intuitor hyper-parameters (RESEARCH.md §1: lr 3e-6, group 7, KL β 0.005, 128 prompts,
+temperature 0.9, prompt 512 / completion 3072 tokens); any flag given after it overrides the preset.
+Checkpoints, metrics.jsonl, TensorBoard events and eval.json go to `--rl.run-dir`; the final policy is
+exported as an HF directory (`<run-dir>/hf`) that transformers or vLLM can load. Re-running the same
+command resumes from the last checkpoint. `--help` lists every option.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from exrl.curriculum.source import DatasetSource
+from exrl.models import hf
+from exrl.rl.losses import LossConfig
+from exrl.rollout.sampler import SamplingConfig
+from exrl.tasks import MathDatasetTask
+from exrl.tokenizer import load_tokenizer
+from exrl.train.checkpoint import export_hf
+from exrl.train.evaluate import EvalConfig
+from exrl.train.rl_loop import RLConfig, train_rl
+from exrl.train.state import OptimConfig
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+  model: str = ""  # local HF checkpoint directory (config.json + *.safetensors + tokenizer files)
+  data: str = ""  # local .jsonl / .json / .parquet with question and answer fields
+  question_field: str = "question"
+  answer_field: str = "answer"
+  reward: Literal["verifier", "self_certainty", "mix"] = "verifier"
+  max_prompt_tokens: int = 512  # longer prompts are dropped (and counted) at load
+  chat_template: bool = True  # wrap questions in the tokenizer's chat template when it has one
+  instruction: str = INSTRUCTION
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  eval_problems: int = 200
+  export: bool = True
+  rl: RLConfig = RLConfig(run_dir="runs/grpo")
+
+
+PRESETS = {
+    "none": Args(),
+    "intuitor": Args(
+        reward="self_certainty", max_prompt_tokens=512, param_dtype="float32", compute_dtype="bfloat16",
+        rl=RLConfig(run_dir="runs/intuitor", steps=58, prompts_per_step=128, group_size=7, num_microbatches=8,
+                    sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9),
+                    loss=LossConfig(kl_beta=0.005, clip_eps_low=0.2, clip_eps_high=0.2),
+                    optim=OptimConfig(lr=3e-6, warmup_frac=0.1, min_lr_ratio=0.0),
+                    eval=EvalConfig(batch_size=64, max_new_tokens=3072, temperature=0.9),
+                    checkpoint_every=10, remat=True, reward="self_certainty")),
+}
+
+
+def parse(argv: list[str]) -> Args:
+  """`--preset NAME` picks the defaults; the remaining flags override them."""
+  preset = "none"
+  if "--preset" in argv:
+    i = argv.index("--preset")
+    if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
+      raise SystemExit(f"--preset needs one of {sorted(PRESETS)}")
+    preset = argv[i + 1]
+    argv = argv[:i] + argv[i + 2:]
+  args = tyro.cli(Args, default=PRESETS[preset], args=argv, description=__doc__)
+  return dataclasses.replace(args, rl=dataclasses.replace(args.rl, reward=args.reward))
+
+
+def main(args: Args) -> dict:
+  if not args.model or not args.data:
+    raise SystemExit("--model (a local HF directory) and --data (a local dataset file) are required")
+  config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
+  tokenizer = load_tokenizer(args.model)
+  use_chat = args.chat_template and getattr(tokenizer, "has_chat_template", False)
+
+  def to_text(question: str) -> str:
+    content = f"{question}\n{args.instruction}".strip()
+    if use_chat:
+      return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return content + "\n"
+
+  def encode(prompt_text: str) -> list[int]:  # the chat template already holds any bos
+    return tokenizer.encode(prompt_text, add_bos=not use_chat and tokenizer.bos_id is not None)
+
+  task = MathDatasetTask(args.data, args.question_field, args.answer_field)
+  wrap = lambda ps: [dataclasses.replace(p, prompt=to_text(p.prompt)) for p in ps]
+  train, dropped = [], 0
+  for p in wrap(task.problems("train")):
+    if len(encode(p.prompt)) <= args.max_prompt_tokens:
+      train.append(p)
+    else:
+      dropped += 1
+  print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
+        f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.reward}", flush=True)
+  evals = wrap(task.problems("eval"))[:args.eval_problems]
+  state, result = train_rl(args.rl, config, params, tokenizer, DatasetSource(train, seed=args.rl.seed),
+                           eval_problems=evals, verify=task.verify, encode=encode)
+  out = {"eval": {k: v for k, v in result.items() if k != "greedy_examples"}, "run_dir": args.rl.run_dir,
+         "seed": args.rl.seed, "eval_problems": len(evals)}
+  if args.export:
+    export_dir = Path(args.rl.run_dir) / "hf"
+    export_hf(config, state.params, export_dir)
+    for f in Path(args.model).iterdir():  # tokenizer and generation files, so the export is servable as is
+      if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+        shutil.copy2(f, export_dir / f.name)
+    out["export"] = str(export_dir)
+  (Path(args.rl.run_dir) / "result.json").write_text(json.dumps(out, indent=2))
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main(parse(sys.argv[1:]))
