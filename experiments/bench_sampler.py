@@ -90,18 +90,23 @@ def main(args: Args) -> dict:
   seq = run_hf(0)  # warm-up
   assert seq.shape == (args.batch, args.prompt_len + args.new_tokens), seq.shape
 
-  exrl_s, hf_s = [], []
+  exrl_s, hf_s, exrl_cpu, hf_cpu = [], [], [], []
   for i in range(args.repeats):  # interleaved so background load hits both sides alike
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_exrl(i + 1)
     exrl_s.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
+    exrl_cpu.append(time.process_time() - c0)
+    t0, c0 = time.perf_counter(), time.process_time()
     run_hf(i + 1)
     hf_s.append(time.perf_counter() - t0)
+    hf_cpu.append(time.process_time() - c0)
   exrl_med, hf_med = statistics.median(exrl_s), statistics.median(hf_s)
   print(f"threads={threads} (jax devices: {jax.devices()}, torch threads: {torch.get_num_threads()})")
   print(f"exrl runs (s): {[round(t, 3) for t in exrl_s]}")
   print(f"hf   runs (s): {[round(t, 3) for t in hf_s]}")
+  # CPU seconds (all threads) are less sensitive to other jobs on a shared box than wall time.
+  print(f"cpu s/run: exrl {statistics.median(exrl_cpu):.3f}, hf {statistics.median(hf_cpu):.3f}, "
+        f"cpu ratio {statistics.median(hf_cpu) / statistics.median(exrl_cpu):.2f}; load avg {os.getloadavg()}")
   result = {"exrl_tok_s": round(n_tokens / exrl_med, 1), "hf_tok_s": round(n_tokens / hf_med, 1),
             "ratio": round(hf_med / exrl_med, 2), "compile_s": round(first_s - exrl_med, 2)}
   out_dir = Path(args.out_dir)
