@@ -57,7 +57,7 @@ def _fwd_kernel(*refs, has_ref, n, v, bn, bv, temperature):
 
   @pl.when(j == 0)
   def _init():
-    for acc, x in zip(accs, online.init(bn, has_ref)):
+    for acc, x in zip(accs, [x for x in online.init(bn, has_ref) if x is not None]):
       acc[...] = x
 
   valid, hit = _masks(i, j, bn, bv, n, v, t_ref[...])
@@ -154,7 +154,7 @@ def _forward(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD, ref_w_DxV, temperatur
   has_ref = ref_hidden_NxD is not None
   n, d, v, d_ref, bn, bv, nt, nv = _geometry(hidden_NxD, w_DxV, ref_hidden_NxD, block_n, block_v)
   names = _STATS + (_REF_STATS if has_ref else ())
-  n_acc = len(online.init(1, has_ref))
+  n_acc = sum(x is not None for x in online.init(1, has_ref))
   kernel = functools.partial(_fwd_kernel, has_ref=has_ref, n=n, v=v, bn=bn, bv=bv, temperature=temperature)
   outs = pl.pallas_call(
       kernel, grid=(nt, nv),

@@ -41,7 +41,8 @@ def _forward(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD, ref_w_DxV, temperatur
     zr_NxB = _logits(ref_hidden_NxD, ref_w_DxV, start, block, temperature)[0] if has_ref else None
     return online.update(state, z_NxB, zr_NxB, valid_1xB, hit_NxB)
 
-  state = jax.lax.fori_loop(0, -(-v // block), body, online.init(n, has_ref))
+  # Block 0 is peeled so the carry takes its type (incl. shard_map varying axes) from the data, not from zeros.
+  state = jax.lax.fori_loop(1, -(-v // block), body, body(0, online.init(n, has_ref)))
   return {k: x[:, 0] for k, x in online.finalize(state, v).items()}
 
 
@@ -65,7 +66,7 @@ def _stats_bwd(temperature, block_v, res, g):
                             col(g["logp"]), col(g["lse"]), col(g["entropy"]), col(g["self_certainty"]),
                             col(g.get("kl")), v)
   targets_Nx1 = targets_N.astype(jnp.int32)[:, None]
-  hidden32_NxD = hidden_NxD.astype(jnp.float32)
+  hidden32_DxN = hidden_NxD.astype(jnp.float32).T  # transposed once, outside the loop
 
   def body(i, carry):
     dh_NxD, dw_DxV = carry
@@ -74,13 +75,13 @@ def _stats_bwd(temperature, block_v, res, g):
     zr_NxB = _logits(ref_hidden_NxD, ref_w_DxV, start, block, temperature)[0] if has_ref else None
     dz_NxB = online.dz_block(z_NxB, zr_NxB, valid_1xB, hit_NxB, coefs) / temperature
     dh_NxD = dh_NxD + jax.lax.dot_general(dz_NxB, w_DxB.astype(jnp.float32), (((1,), (1,)), ((), ())))
-    dw_DxB = jax.lax.dot_general(hidden32_NxD, dz_NxB, (((0,), (0,)), ((), ())))
+    dw_DxB = jnp.dot(hidden32_DxN, dz_NxB)
     # Add, not overwrite: the clamped last block overlaps columns already written (its dz there is 0).
     dw_DxB = jax.lax.dynamic_slice_in_dim(dw_DxV, start, block, axis=1) + dw_DxB
     return dh_NxD, jax.lax.dynamic_update_slice_in_dim(dw_DxV, dw_DxB, start, axis=1)
 
   init = (jnp.zeros((n, d), jnp.float32), jnp.zeros((d, v), jnp.float32))
-  dh_NxD, dw_DxV = jax.lax.fori_loop(0, -(-v // block), body, init)
+  dh_NxD, dw_DxV = jax.lax.fori_loop(1, -(-v // block), body, body(0, init))
   return dh_NxD.astype(hidden_NxD.dtype), dw_DxV.astype(w_DxV.dtype), None, None, None
 
 
