@@ -7,8 +7,12 @@ after one warm-up each, compile excluded: repeats run in back-to-back pairs (ref
 time_ratio is the median over pairs of default/reference, so both sides of a ratio share the machine's load).
 Shapes: N=4096, D=512, V=32768 and N=2048, D=512, V=151936 (Qwen's vocab; not a multiple of the block size).
 
-Runtime on 2 CPU cores: ~6 min. Result measured on the 2-core dev box (shared with other jobs):
-  RESULT FILLED IN AFTER MEASUREMENT
+Runtime on 2 CPU cores: ~8 min (7 pairs per shape). Result measured on the 2-core dev box, shared with other jobs
+(load average ~5, so single timings swing 2x; the paired ratio is the stable number):
+  V=32768:  temp MB reference 2048.1, default 58.1  -> mem_ratio 0.0284 (1/35);  time_ratio 0.98
+  V=151936: temp MB reference 4748.0, default 30.0  -> mem_ratio 0.0063 (1/158); time_ratio 1.01
+  last line: {"V32768": {"mem_ratio": 0.0284, "time_ratio": 0.976, ...}, "V151936": {"mem_ratio": 0.0063,
+              "time_ratio": 1.006, ...}}  (also written to runs/bench_token_stats/result.json)
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from kernels import pallas, reference
-from token_stats_oracle import make_inputs, numpy_stats, weighted_loss
+from token_stats_oracle import make_inputs, numpy_stats, stats_and_grads
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -16,10 +16,8 @@ def _check(n, d, v, bn, bv, with_ref, interpret, seed=0, temperature=0.8):
   kw = dict(temperature=temperature)
   pk = dict(block_n=bn, block_v=bv, interpret=interpret)
 
-  def grads(fn, **extra):
-    return jax.grad(lambda h, w: weighted_loss(fn(h, w, t, **ref, **kw, **extra)), argnums=(0, 1))(h, w)
-
-  got, want = pallas.token_stats(h, w, t, **ref, **kw, **pk), reference.token_stats(h, w, t, **ref, **kw)
+  got, g_got = stats_and_grads(pallas.token_stats, h, w, t, ref, **kw, **pk)
+  want, g_want = stats_and_grads(reference.token_stats, h, w, t, ref, **kw)
   fields = [f for f in got._fields if getattr(want, f) is not None]
   assert all(getattr(got, f) is not None for f in fields)
   chex.assert_trees_all_close({f: getattr(got, f) for f in fields}, {f: getattr(want, f) for f in fields},
@@ -28,7 +26,6 @@ def _check(n, d, v, bn, bv, with_ref, interpret, seed=0, temperature=0.8):
     oracle = numpy_stats(h, w, t, ref["ref_hidden_NxD"], ref["ref_w_DxV"], temperature=temperature)
     chex.assert_trees_all_close((got.self_certainty, got.kl), (oracle["self_certainty"], oracle["kl"]),
                                 rtol=RTOL, atol=ATOL)
-  g_got, g_want = grads(pallas.token_stats, **pk), grads(reference.token_stats)
   chex.assert_tree_all_finite(g_got)
   for a, b in zip(g_got, g_want):  # rtol, with an absolute floor of rtol × max|grad| for cancelling sums
     chex.assert_trees_all_close(a, b, rtol=RTOL, atol=RTOL * float(jnp.max(jnp.abs(b))))

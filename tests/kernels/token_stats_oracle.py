@@ -46,3 +46,13 @@ def weighted_loss(stats, seed=1):
   if stats.kl is not None:
     total = total + jnp.sum(c[4] * stats.kl)
   return total
+
+
+def stats_and_grads(fn, h, w, t, ref, field=None, **kw):
+  """One jitted pass: (TokenStats, (d/dh, d/dw)) of weighted_loss, or of a ramp-weighted sum of a single field."""
+  def loss(h, w):
+    s = fn(h, w, t, **ref, **kw)
+    total = weighted_loss(s) if field is None else jnp.sum(getattr(s, field) * jnp.linspace(-1.0, 1.0, len(t)))
+    return total, s
+  (_, stats), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(h, w)
+  return stats, grads
