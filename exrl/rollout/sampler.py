@@ -180,7 +180,6 @@ def choose_tokens(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfi
 
 # ----------------------------------------------------------------------------- the sampler
 
-_PER_LAYER = True
 TRACE_COUNT = [0]  # bumped each time `generate` is traced; tests use it to check compile caching.
 
 
@@ -197,9 +196,9 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   prompt_len_B = jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32)
 
   # Prefill: the whole prompt in one pass; the last slot (always valid when left-padded) predicts token 0.
-  if _PER_LAYER:  # unstack once, outside the loop, so no step slices layer weights or the cache
-    params = decoder.unstack_layers(params)
-  cache = decoder.init_cache(config, B, P + N, per_layer=_PER_LAYER)
+  # Unstack once, outside the loop, so no decode step slices (copies) layer weights or the cache.
+  params = decoder.unstack_layers(params)
+  cache = decoder.init_cache(config, B, P + N, per_layer=True)
   h_BxPxD, cache = decoder.decode_step(config, params, prompt_tokens_BxP,
                                        decoder.default_positions(prompt_valid_BxP), prompt_valid_BxP, cache, 0)
   # The LM head transposed once, outside the loop (a tied embedding is stored VxD).

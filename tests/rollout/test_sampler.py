@@ -191,3 +191,22 @@ def test_bad_input_errors(params):
                        (dict(max_new_tokens=0), "max_new_tokens=0")]:
     with pytest.raises(ValueError, match=pattern):
       SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_decode_step_cache_layouts_match_no_cache_forward(params, per_layer):
+  """Prefill + two one-token steps through either cache layout equal `hidden_states` over the whole sequence."""
+  tokens, valid = _batch()
+  extra = jnp.array([[7, 8], [9, 10], [11, 12], [13, 14]], jnp.int32)
+  seq, seq_valid = jnp.concatenate([tokens, extra], 1), jnp.concatenate([valid, jnp.ones_like(extra, bool)], 1)
+  want = decoder.hidden_states(CONFIG, params, seq, seq_valid)[:, -3:]
+  p = decoder.unstack_layers(params) if per_layer else params
+  cache = decoder.init_cache(CONFIG, 4, 18, per_layer=per_layer)
+  pos = decoder.default_positions(valid)
+  h, cache = decoder.decode_step(CONFIG, p, tokens, pos, valid, cache, 0)
+  got = [h[:, -1]]
+  for t in range(2):
+    h, cache = decoder.decode_step(CONFIG, p, extra[:, t:t + 1], pos[:, -1:] + 1 + t, jnp.ones((4, 1), bool), cache,
+                                   16 + t)
+    got.append(h[:, 0])
+  chex.assert_trees_all_close(jnp.stack(got, 1), want, atol=1e-5)
