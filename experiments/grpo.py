@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -122,4 +123,7 @@ def main(args: Args) -> dict:
 
 
 if __name__ == "__main__":
+  if os.environ.get("EXRL_DISTRIBUTED"):  # set by tpu_scripts/launch.sh on every worker
+    from exrl.train.mesh import initialize_distributed
+    initialize_distributed()
   main(parse(sys.argv[1:]))
