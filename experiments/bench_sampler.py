@@ -9,14 +9,14 @@ Compile time is excluded from exrl's timing and reported apart; timings are medi
 measured side by side in one run.
 
 Runtime on 2 CPU cores: ~2-4 min (HF at 2 threads is slow when the box is shared). Measured on the
-2-core dev box while other jobs were running, so wall times are noisy; three runs, same code:
+2-core dev box while other jobs were running, so wall times are noisy; two runs, same code:
   load ~3:  {"exrl_tok_s": 4247.8, "hf_tok_s": 712.9, "ratio": 5.96, "compile_s": 3.81, ...,
              "hf_best_tok_s": 712.9, "ratio_vs_best_hf": 5.96}
   load ~4:  {"exrl_tok_s": 2696.1, "hf_tok_s": 67.9, "ratio": 39.73, "compile_s": 4.38, ...,
              "hf_best_tok_s": 684.8, "ratio_vs_best_hf": 3.94}
 Under heavy load torch's 2-thread OpenMP barriers collapse (HF 2-thread runs of 15-50 s instead of
 ~2.5 s), which inflates "ratio"; "ratio_vs_best_hf" compares against HF's faster thread count and
-is the number to trust. Per-token CPU time: exrl ~0.75-0.8 CPU-s per run vs HF 1-thread ~3.0.
+is the number to trust. CPU seconds per run (all threads): exrl ~0.75-0.8, HF 1-thread ~3.0.
 """
 from __future__ import annotations
 
