@@ -9,7 +9,9 @@ Compile time is excluded from exrl's timing and reported apart; timings are medi
 measured side by side in one run.
 
 Runtime on 2 CPU cores: ~2-4 min (HF at 2 threads is slow when the box is shared). Measured on the
-2-core dev box while other jobs were running, so wall times are noisy; two runs, same code:
+2-core dev box while other jobs were running, so wall times are noisy; three runs, same code:
+  load ~3:  {"exrl_tok_s": 3590.7, "hf_tok_s": 700.9, "ratio": 5.12, "compile_s": 4.84, ...,
+             "hf_best_tok_s": 707.4, "ratio_vs_best_hf": 5.08}
   load ~3:  {"exrl_tok_s": 4247.8, "hf_tok_s": 712.9, "ratio": 5.96, "compile_s": 3.81, ...,
              "hf_best_tok_s": 712.9, "ratio_vs_best_hf": 5.96}
   load ~4:  {"exrl_tok_s": 2696.1, "hf_tok_s": 67.9, "ratio": 39.73, "compile_s": 4.38, ...,
