@@ -42,13 +42,13 @@ class Config:
   digits: int = 2
   model: common.TinyModel = common.TinyModel()
   sft_examples: int = 20000
-  sft_steps: int = 120
+  sft_steps: int = 300
   sft_batch: int = 64
   sft_lr: float = 2e-3
-  rl_steps: int = 40
+  rl_steps: int = 100
   prompts_per_step: int = 16
   group_size: int = 8
-  rl_lr: float = 3e-4
+  rl_lr: float = 1e-4
   kl_beta: float = 0.005
   max_new_tokens: int = 8
   eval_problems: int = 500

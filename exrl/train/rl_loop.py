@@ -99,6 +99,20 @@ def setup_state(model_config, params, optimizer, seed, mesh):
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 
+def group_correlation(x_B, y_B, group_size: int) -> float:
+  """Mean within-group correlation of x and y (groups with no variance in either are skipped; 0 if none).
+
+  With x = self-certainty and y = verifier reward it says whether the model's confidence ranks its own
+  samples the way the verifier does, which is what Intuitor relies on.
+  """
+  x = np.asarray(x_B, np.float64).reshape(-1, group_size)
+  y = np.asarray(y_B, np.float64).reshape(-1, group_size)
+  xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+  denom = np.sqrt((xc ** 2).sum(1) * (yc ** 2).sum(1))
+  ok = denom > 1e-12
+  return float(np.mean((xc * yc).sum(1)[ok] / denom[ok])) if ok.any() else 0.0
+
+
 def _log(msg: str) -> None:
   print(msg, flush=True)
 
@@ -178,11 +192,12 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       for _ in range(cfg.inner_epochs):
         state, train_metrics = step_fn(state, batch, ref_params)
       train_metrics = jax.device_get(train_metrics)
+      sc_corr = group_correlation(sc_host, correct, cfg.group_size)
       total_reward = rewards_BxR @ (weights if weights is not None else np.ones(1, np.float32))
       metrics = {
           "reward_mean": float(np.mean(total_reward)), "reward_std": float(np.std(total_reward)),
           "accuracy": float(np.mean(correct)), "self_certainty_reward": float(np.mean(sc_host)),
-          "response_len": float(np.mean(lengths)), "zero_var_frac": float(1 - np.mean(keep_B)),
+          "response_len": float(np.mean(lengths)), "sc_acc_corr": sc_corr, "zero_var_frac": float(1 - np.mean(keep_B)),
           "verifier_timeouts": vinfo["verifier_timeouts"], "verifier_errors": vinfo["verifier_errors"],
           **{k: float(v) for k, v in train_metrics.items()},
       }

@@ -40,3 +40,12 @@ def test_batch_not_divisible_by_mesh(tmp_path):
   assert len(jax.devices()) == 8
   with pytest.raises(ValueError, match="12 rows per micro-batch are not divisible by data\\*fsdp=8"):
     mini_rl.run(str(tmp_path), steps=1, prompts_per_step=3)
+
+
+def test_group_correlation_matches_numpy():
+  from exrl.train.rl_loop import group_correlation
+  rng = np.random.default_rng(0)
+  x, y = rng.standard_normal(12), (rng.random(12) > 0.5).astype(float)
+  y[8:] = 1.0  # a constant group is skipped
+  want = np.mean([np.corrcoef(x[i:i + 4], y[i:i + 4])[0, 1] for i in (0, 4)])
+  np.testing.assert_allclose(group_correlation(x, y, 4), want, rtol=1e-10)

@@ -1,0 +1,134 @@
+"""Intuitor's findings at small scale, over several seeds (RESEARCH.md §1).
+
+  python -m experiments.intuitor_ablations
+
+Per seed: SFT a tiny model on two-digit addition (the quickstart's base), then run four RL arms from it:
+  grpo              verifier reward (labels), KL β=0.005
+  intuitor          self-certainty of the sampling policy (online), β=0.005
+  intuitor_offline  self-certainty scored by the frozen base model (offline annotator), β=0.005
+  intuitor_beta0    online self-certainty with no KL penalty (β=0)
+Each model is evaluated in-domain (held-out two-digit additions) and out-of-domain on a held-out
+family (three-operand sums such as "12+34+56=", never seen in SFT or RL). Reported: pass@1 at T=1 and
+greedy accuracy with 95% Wilson intervals pooled over seeds, per-seed values, response length, and
+the self-certainty / accuracy / length / KL curves over steps (PNG). The claims checked:
+  1. GRPO and Intuitor both beat the base, in and out of domain;
+  2. the offline annotator gets hacked (length up, accuracy down), the online one does not;
+  3. β=0 collapses (length shrinks, accuracy falls).
+
+Runtime and results on 2 CPU cores: see experiments/README.md. The last stdout line is the JSON result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+from experiments import common, quickstart
+from exrl.curriculum.source import TaskSource
+from exrl.tasks import get_task
+from exrl.train.evaluate import EvalConfig, evaluate, wilson_interval
+from exrl.train.metrics import read_jsonl
+from exrl.train.plot import plot_runs
+from exrl.train.rl_loop import train_rl
+from exrl.train.sft import SFTConfig, train_sft
+from exrl.train.state import OptimConfig
+
+ARMS = {  # name: (reward, annotator, kl_beta or None for the default)
+    "grpo": ("verifier", "online", None),
+    "intuitor": ("self_certainty", "online", None),
+    "intuitor_offline": ("self_certainty", "offline", None),
+    "intuitor_beta0": ("self_certainty", "online", 0.0),
+}
+CURVES = ["accuracy", "self_certainty_reward", "response_len", "kl", "entropy", "sc_acc_corr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  run_dir: str = "runs/intuitor_ablations"
+  seeds: tuple[int, ...] = (0, 1, 2)
+  base: quickstart.Config = quickstart.Config(eval_problems=400)
+  arms: tuple[str, ...] = tuple(ARMS)
+
+
+def _eval(model_config, params, tokenizer, task, problems, cfg: quickstart.Config, seed: int) -> dict:
+  ev = evaluate(model_config, params, tokenizer, problems, task.verify,
+                EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, seed=seed + 1))
+  return common.compact(ev)
+
+
+def run_seed(cfg: Config, seed: int) -> dict:
+  qs = dataclasses.replace(cfg.base, seed=seed, run_dir=str(Path(cfg.run_dir) / f"seed{seed}"))
+  run_dir = Path(qs.run_dir)
+  task = quickstart.task_for(qs)
+  ood_task = get_task("arithmetic", digits=2, num_ops=2, ops="+")
+  tokenizer = common.build_tokenizer([task], Path(cfg.run_dir), seed=0)  # one tokenizer for all seeds
+  model_config, params = common.init_model(qs.model, tokenizer, seed)
+  in_problems = task.generate(qs.eval_problems, seed=seed, split="eval")
+  ood_problems = ood_task.generate(qs.eval_problems, seed=seed, split="eval")
+  sft = SFTConfig(run_dir=str(run_dir / "sft"), steps=qs.sft_steps, batch_size=qs.sft_batch, seed=seed,
+                  optim=OptimConfig(lr=qs.sft_lr, warmup_frac=0.05, min_lr_ratio=0.1), checkpoint_every=qs.sft_steps)
+  base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(task, qs.sft_examples, seed)).params
+  out = {"base": {"in": _eval(model_config, base, tokenizer, task, in_problems, qs, seed),
+                  "ood": _eval(model_config, base, tokenizer, ood_task, ood_problems, qs, seed)}}
+  for arm in cfg.arms:
+    reward, annotator, beta = ARMS[arm]
+    rl = quickstart.rl_config(qs, arm, reward)
+    rl = dataclasses.replace(rl, sc_annotator=annotator,
+                             loss=dataclasses.replace(rl.loss, kl_beta=rl.loss.kl_beta if beta is None else beta))
+    print(f"[ablations] seed {seed}: arm {arm}", flush=True)
+    state, ev = train_rl(rl, model_config, base, tokenizer, TaskSource(task, seed=seed), eval_problems=in_problems,
+                         verify=task.verify)
+    rows = read_jsonl(run_dir / arm / "metrics.jsonl")
+    last = lambda k: float(np.mean([r["metrics"][k] for r in rows[-10:]]))
+    out[arm] = {"in": common.compact(ev),
+                "ood": _eval(model_config, state.params, tokenizer, ood_task, ood_problems, qs, seed),
+                "train_last10": {k: last(k) for k in ("accuracy", "self_certainty_reward", "response_len", "kl")},
+                "sc_acc_corr_first10": float(np.mean([r["metrics"]["sc_acc_corr"] for r in rows[:10]]))}
+  return out
+
+
+def pooled(per_seed: list[dict], arm: str, split: str, key: str) -> dict:
+  """Mean over seeds, the per-seed values, and a Wilson interval on all samples pooled."""
+  vals = [s[arm][split][key] for s in per_seed]
+  n = sum(s[arm][split]["n"] for s in per_seed)
+  hits = sum(s[arm][split][key] * s[arm][split]["n"] for s in per_seed)
+  return {"mean": float(np.mean(vals)), "per_seed": vals, "ci95": list(wilson_interval(hits, n)), "n": n}
+
+
+def main(cfg: Config) -> dict:
+  t0 = time.time()
+  run_dir = Path(cfg.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  per_seed = [run_seed(cfg, s) for s in cfg.seeds]
+  names = ["base", *cfg.arms]
+  summary = {name: {f"{split}_{key}": pooled(per_seed, name, split, key) for split in ("in", "ood")
+                    for key in ("pass1", "greedy")} for name in names}
+  for name in names:
+    summary[name]["len_in"] = float(np.mean([s[name]["in"]["mean_len"] for s in per_seed]))
+  for arm in cfg.arms:
+    summary[arm]["train_last10"] = {k: float(np.mean([s[arm]["train_last10"][k] for s in per_seed]))
+                                    for k in per_seed[0][arm]["train_last10"]}
+    summary[arm]["sc_acc_corr_first10"] = float(np.mean([s[arm]["sc_acc_corr_first10"] for s in per_seed]))
+  lines = ["| model | in-domain pass@1 | in-domain greedy | OOD pass@1 | OOD greedy | len |", "|---|---|---|---|---|---|"]
+  f = lambda d: f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
+  for name in names:
+    s = summary[name]
+    lines.append(f"| {name} | {f(s['in_pass1'])} | {f(s['in_greedy'])} | {f(s['ood_pass1'])} | {f(s['ood_greedy'])} "
+                 f"| {s['len_in']:.2f} |")
+  print("\n".join(lines), flush=True)
+  (run_dir / "table.md").write_text("\n".join(lines) + "\n")
+  for seed in cfg.seeds:
+    plot_runs({arm: run_dir / f"seed{seed}" / arm for arm in cfg.arms}, CURVES, run_dir / f"curves_seed{seed}.png")
+  result = {"summary": summary, "seeds": list(cfg.seeds), "eval_problems_per_seed": cfg.base.eval_problems,
+            "runtime_s": round(time.time() - t0, 1)}
+  (run_dir / "per_seed.json").write_text(json.dumps(per_seed, indent=2))
+  common.write_result(run_dir, result)
+  return result
+
+
+if __name__ == "__main__":
+  main(tyro.cli(Config))
