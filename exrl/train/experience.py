@@ -21,8 +21,9 @@ def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positi
           with_ref: bool, implementation: str = "auto") -> dict:
   """Re-score rollouts (no gradient) at temperature 1.
 
-  Returns token-aligned float32[B, S] `logp` (policy), `self_certainty`, `entropy`, `ref_logp` (when
-  with_ref), and per-row `sc_B` = masked token-mean self-certainty over response tokens (Intuitor).
+  Returns token-aligned float32[B, S] `logp` (policy), `self_certainty`, `entropy`, and per-row `sc_B` =
+  masked token-mean self-certainty over response tokens (Intuitor). With `with_ref`, also `ref_logp` and
+  `ref_sc_B` (the frozen reference as an offline self-certainty annotator).
   """
   mb = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS}
   stats = shifted_stats(config, params, mb, implementation=implementation)
@@ -32,7 +33,9 @@ def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positi
          "entropy": pad(stats.entropy)}
   out["sc_B"] = self_certainty_reward(out["self_certainty"], resp)
   if with_ref:
-    out["ref_logp"] = pad(shifted_stats(config, ref_params, mb, implementation=implementation).logp) * resp
+    ref = shifted_stats(config, ref_params, mb, implementation=implementation)
+    out["ref_logp"] = pad(ref.logp) * resp
+    out["ref_sc_B"] = self_certainty_reward(pad(ref.self_certainty), resp)
   return jax.lax.stop_gradient(out)
 
 

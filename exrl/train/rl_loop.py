@@ -142,8 +142,6 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   ref_params = jax.device_put(ref_params, state_sh.params)
   step_fn = make_train_step(rl_loss_fn(model_config, cfg.loss, remat=cfg.remat), optimizer, mesh, state_sh,
                             state_sh.params)
-  need_ref = (cfg.loss.kl_beta > 0 and cfg.loss.kl_estimator == "k3") or (
-      cfg.reward != "verifier" and cfg.sc_annotator == "offline")
 
   pool = rewards_lib.VerifierPool(timeout_s=cfg.verifier_timeout_s)
   ckpt = Checkpointer(run_dir / "ckpt", keep=cfg.keep_checkpoints)
@@ -165,13 +163,11 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       state, key = next_key(state)
       out = sample(model_config, state.params, tokens, valid, key, sampling)
       response = jnp.concatenate([jnp.zeros_like(valid), out.mask_BxN], axis=1)
-      annot = ref_params if cfg.sc_annotator == "offline" else state.params
+      # The reference is always scored: its log-probs give the k3 KL (loss and monitoring) and the
+      # offline annotator's self-certainty.
       scored = score(model_config, state.params, ref_params, out.seq_tokens_BxS, out.seq_valid_BxS,
-                     out.seq_positions_BxS, response, with_ref=need_ref)
-      sc_B = scored["sc_B"]
-      if cfg.reward != "verifier" and cfg.sc_annotator == "offline":
-        sc_B = score(model_config, annot, annot, out.seq_tokens_BxS, out.seq_valid_BxS, out.seq_positions_BxS,
-                     response, with_ref=False)["sc_B"]
+                     out.seq_positions_BxS, response, with_ref=True)
+      sc_B = scored["ref_sc_B"] if cfg.sc_annotator == "offline" else scored["sc_B"]
       t_sample = time.time()
       comp_tokens, comp_mask, sc_host, lengths = jax.device_get((out.tokens_BxN, out.mask_BxN, sc_B, out.lengths_B))
       texts = [tokenizer.decode(t[m].tolist()) for t, m in zip(comp_tokens, comp_mask)]
@@ -180,14 +176,12 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       rewards_BxR = np.stack(reward_cols, axis=1).astype(np.float32)
       weights = np.asarray(cfg.mix_weights, np.float32) if cfg.reward == "mix" else None
       adv_B, keep_B = jax.device_get(compute_advantages(rewards_BxR, cfg.advantage, cfg.group_size, weights))
-      loss_mask = np.asarray(jax.device_get(response), np.float32) * np.asarray(keep_B, np.float32)[:, None]
+      response_host = np.asarray(jax.device_get(response), np.float32)
+      loss_mask = response_host * np.asarray(keep_B, np.float32)[:, None]
       host = jax.device_get({"tokens": out.seq_tokens_BxS, "valid": out.seq_valid_BxS,
                              "positions": out.seq_positions_BxS, "old_logp": scored["logp"]})
       host.update(loss_mask=loss_mask, adv=np.asarray(adv_B, np.float32))
-      if need_ref:
-        host["ref_logp"] = np.asarray(jax.device_get(scored["ref_logp"]))
-      else:
-        host["ref_logp"] = np.zeros_like(host["old_logp"])
+      host["ref_logp"] = np.asarray(jax.device_get(scored["ref_logp"]))
       batch = shard_batch(pack_microbatches(host, cfg.num_microbatches, cfg.group_size), mesh)
       for _ in range(cfg.inner_epochs):
         state, train_metrics = step_fn(state, batch, ref_params)
@@ -201,9 +195,8 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
           "verifier_timeouts": vinfo["verifier_timeouts"], "verifier_errors": vinfo["verifier_errors"],
           **{k: float(v) for k, v in train_metrics.items()},
       }
-      if cfg.loss.kl_beta > 0 and cfg.loss.kl_estimator == "k3":
-        d = host["ref_logp"] - host["old_logp"]
-        metrics["kl"] = float(np.sum((np.exp(d) - d - 1) * loss_mask) / max(loss_mask.sum(), 1))
+      d = (host["ref_logp"] - host["old_logp"]) * response_host  # k3 KL(policy ‖ ref) on response tokens
+      metrics["kl"] = float(np.sum(np.exp(d) - d - 1) / max(response_host.sum(), 1))
       if metrics["skipped_in_row"] >= cfg.max_skips_in_row:
         raise FloatingPointError(
             f"step {step + 1}: {int(metrics['skipped_in_row'])} consecutive updates had a non-finite loss or "
