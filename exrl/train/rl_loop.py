@@ -150,7 +150,8 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
     state, meta = ckpt.restore(start, abstract_state=state)
     _log(f"resumed from {run_dir / 'ckpt'} at step {start}")
   writer = MetricsWriter(run_dir, resume_step=start if start else None)
-  (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+  config_json = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+  (run_dir / "config.json").write_text(json.dumps(config_json, indent=2))
   bar = ProgressBar(cfg.steps, {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty",
                                 "len": "response_len", "kl": "kl"}, initial=start)
   final_eval = {}
@@ -213,7 +214,8 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       writer.write(step + 1, metrics, timing)
       bar.update(step + 1, metrics)
       if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-        ckpt.save(step + 1, state, {"step": step + 1, "source": source.state_dict()}, force=True)
+        ckpt.save(step + 1, state, {"step": step + 1, "source": source.state_dict(), "config": config_json},
+                  force=True)
     if eval_problems:
       final_eval = evaluate(model_config, state.params, tokenizer, eval_problems, eval_verify, cfg.eval, encode)
       (run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
