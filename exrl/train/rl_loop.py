@@ -199,6 +199,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       d = (host["ref_logp"] - host["old_logp"]) * response_host  # k3 KL(policy ‖ ref) on response tokens
       metrics["kl"] = float(np.sum(np.exp(d) - d - 1) / max(response_host.sum(), 1))
       if metrics["skipped_in_row"] >= cfg.max_skips_in_row:
+        ckpt.wait()  # an in-flight save of a (skipped, so unchanged) state is still a good one
         raise FloatingPointError(
             f"step {step + 1}: {int(metrics['skipped_in_row'])} consecutive updates had a non-finite loss or "
             f"gradient (max_skips_in_row={cfg.max_skips_in_row}); stopping. The last good checkpoint "

@@ -49,3 +49,29 @@ def test_group_correlation_matches_numpy():
   y[8:] = 1.0  # a constant group is skipped
   want = np.mean([np.corrcoef(x[i:i + 4], y[i:i + 4])[0, 1] for i in (0, 4)])
   np.testing.assert_allclose(group_correlation(x, y, 4), want, rtol=1e-10)
+
+
+def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
+  """From step 3 on the advantages are NaN: updates are skipped and counted, the run stops after 3 in a row
+  with a message naming the last good checkpoint, and that checkpoint holds finite params."""
+  from exrl.train import rl_loop
+  from exrl.train.checkpoint import Checkpointer
+
+  calls = {"n": 0}
+  real = rl_loop.compute_advantages
+
+  def poisoned(*a, **k):
+    calls["n"] += 1
+    adv, keep = real(*a, **k)
+    return (adv * np.nan if calls["n"] >= 3 else adv), keep
+
+  monkeypatch.setattr(rl_loop, "compute_advantages", poisoned)
+  with pytest.raises(FloatingPointError, match=r"step 5: 3 consecutive updates .* last good checkpoint \(step 4\)"):
+    mini_rl.run(str(tmp_path), steps=8)
+  rows = read_jsonl(tmp_path / "metrics.jsonl")
+  assert [r["metrics"]["skipped"] for r in rows] == [0, 0, 1, 1]
+  with Checkpointer(tmp_path / "ckpt") as ckpt:
+    state4, _ = ckpt.restore(4)
+    state3, _ = ckpt.restore(3)  # step 3 was the first skipped update: params of step 2
+  chex.assert_tree_all_finite(state4["params"])
+  chex.assert_trees_all_equal(state4["params"], state3["params"])  # skipped updates left the params alone
