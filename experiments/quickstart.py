@@ -45,10 +45,10 @@ class Config:
   digits: int = 2
   model: common.TinyModel = common.TinyModel()
   sft_examples: int = 20000
-  sft_steps: int = 300
+  sft_steps: int = 500
   sft_batch: int = 64
-  sft_lr: float = 2e-3
-  rl_steps: int = 100
+  sft_lr: float = 1e-3
+  rl_steps: int = 200
   prompts_per_step: int = 16
   group_size: int = 8
   rl_lr: float = 1e-4
