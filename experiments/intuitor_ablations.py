@@ -15,7 +15,11 @@ the self-certainty / accuracy / length / KL curves over steps (PNG). The claims 
   2. the offline annotator gets hacked (length up, accuracy down), the online one does not;
   3. β=0 collapses (length shrinks, accuracy falls).
 
-Runtime and results on 2 CPU cores: see experiments/README.md. The last stdout line is the JSON result.
+Runtime on 2 CPU cores: 21 min (3 seeds; measured while other jobs shared the machine).
+Result (400 held-out problems per seed, pooled 95% Wilson CIs; details in experiments/README.md):
+  in-domain pass@1: base 0.307 [0.282, 0.334], grpo 0.333 [0.307, 0.361], intuitor 0.003,
+  intuitor_offline 0.001, intuitor_beta0 0.005; OOD (three-operand sums) <= 0.004 for every model.
+The last stdout line is the JSON result, also written to runs/intuitor_ablations/results.json.
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ CURVES = ["accuracy", "self_certainty_reward", "response_len", "kl", "entropy", 
 class Config:
   run_dir: str = "runs/intuitor_ablations"
   seeds: tuple[int, ...] = (0, 1, 2)
-  base: quickstart.Config = quickstart.Config(eval_problems=400)
+  base: quickstart.Config = quickstart.Config(eval_problems=400, rl_steps=100)
   arms: tuple[str, ...] = tuple(ARMS)
 
 
