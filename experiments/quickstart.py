@@ -9,10 +9,10 @@
 4. evaluates base, GRPO and Intuitor on held-out problems (pass@1 at T=1 and greedy, 95% Wilson CIs),
    prints a table, and writes results.json and PNG learning curves into the run folder.
 
-Runtime on 2 CPU cores: 173 s. Result (seed 0, 500 held-out problems, pass@1 / greedy with 95% CIs):
-  base      0.508 [0.464, 0.552] / 0.784 [0.746, 0.818]
-  grpo      0.614 [0.571, 0.656] / 0.854 [0.820, 0.882]
-  intuitor  0.000 [0.000, 0.008] / 0.002 [0.000, 0.011]   (collapses; see README.md)
+Runtime on 2 CPU cores: 264 s. Result (seed 0, 500 held-out problems, pass@1 / greedy with 95% CIs):
+  base      0.308 [0.269, 0.350] / 0.516 [0.472, 0.560]
+  grpo      0.446 [0.403, 0.490] / 0.632 [0.589, 0.673]
+  intuitor  0.004 [0.001, 0.014] / 0.004 [0.001, 0.014]   (collapses; see README.md)
 The last stdout line is the JSON result, also written to runs/quickstart/results.json.
 """
 from __future__ import annotations
