@@ -33,6 +33,16 @@ class EvalConfig:
   seed: int = 1234
 
 
+def decode_completion(tokenizer, ids) -> str:
+  """Decode sampled ids, dropping any past the tokenizer's vocab (a model's padded vocab rows).
+
+  Model output is untrusted: a model whose embedding is padded beyond the tokenizer (Qwen's is, and
+  so is exrl's tiny model) can sample those rows, and the text must still decode.
+  """
+  n = tokenizer.vocab_size
+  return tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n])
+
+
 def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
                    key: jax.Array, batch_size: int, encode: Callable[[str], list[int]] | None = None
                    ) -> tuple[list[str], np.ndarray]:
@@ -48,7 +58,7 @@ def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str
     toks, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
     for row in range(n):
       ids = toks[row][mask[row]].tolist()
-      texts.append(tokenizer.decode(ids))
+      texts.append(decode_completion(tokenizer, ids))
       lengths.append(len(ids))
   return texts, np.asarray(lengths)
 

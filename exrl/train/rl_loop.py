@@ -26,7 +26,7 @@ from exrl.tasks import get_verifier
 from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
 from exrl.train import mesh as mesh_lib
 from exrl.train.checkpoint import Checkpointer
-from exrl.train.evaluate import EvalConfig, evaluate
+from exrl.train.evaluate import EvalConfig, decode_completion, evaluate
 from exrl.train.experience import pack_microbatches, score
 from exrl.train.metrics import MetricsWriter, ProgressBar
 from exrl.train.objectives import rl_loss_fn
@@ -171,7 +171,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       sc_B = scored["ref_sc_B"] if cfg.sc_annotator == "offline" else scored["sc_B"]
       t_sample = time.time()
       comp_tokens, comp_mask, sc_host, lengths = jax.device_get((out.tokens_BxN, out.mask_BxN, sc_B, out.lengths_B))
-      texts = [tokenizer.decode(t[m].tolist()) for t, m in zip(comp_tokens, comp_mask)]
+      texts = [decode_completion(tokenizer, t[m].tolist()) for t, m in zip(comp_tokens, comp_mask)]
       correct, vinfo = rewards_lib.verifier_rewards(texts, rollout_problems, verify, pool=pool)
       reward_cols = {"verifier": [correct], "self_certainty": [sc_host], "mix": [correct, sc_host]}[cfg.reward]
       rewards_BxR = np.stack(reward_cols, axis=1).astype(np.float32)

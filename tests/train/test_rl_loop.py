@@ -75,3 +75,15 @@ def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
     state3, _ = ckpt.restore(3)  # step 3 was the first skipped update: params of step 2
   chex.assert_tree_all_finite(state4["params"])
   chex.assert_trees_all_equal(state4["params"], state3["params"])  # skipped updates left the params alone
+
+
+def test_decode_completion_drops_padded_vocab_ids(tmp_path):
+  """A model with a padded vocab may sample ids the tokenizer lacks; decoding must not crash."""
+  from experiments import common
+  from exrl.tasks import get_task
+  from exrl.train.evaluate import decode_completion
+  tok = common.build_tokenizer([get_task("arithmetic", digits=1)], tmp_path)
+  ids = tok.encode("7+5=12")
+  assert decode_completion(tok, ids + [tok.vocab_size, tok.vocab_size + 3]) == tok.decode(ids) == "7+5=12"
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    tok.decode(ids + [tok.vocab_size])
