@@ -18,10 +18,10 @@ The last stdout line is the JSON result, also written to runs/quickstart/results
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
+import jax
 import tyro
 
 from experiments import common
@@ -83,7 +83,7 @@ def main(cfg: Config) -> dict:
   print(f"[quickstart] task={task} seed={cfg.seed} run_dir={run_dir}", flush=True)
   tokenizer = common.build_tokenizer([task], run_dir, seed=cfg.seed)
   model_config, params = common.init_model(cfg.model, tokenizer, cfg.seed)
-  n_params = sum(x.size for x in __import__("jax").tree.leaves(params))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"[quickstart] tokenizer vocab={tokenizer.vocab_size}; model {n_params / 1e6:.2f}M params", flush=True)
   eval_problems = task.generate(cfg.eval_problems, seed=cfg.seed, split="eval")
   eval_cfg = EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1)

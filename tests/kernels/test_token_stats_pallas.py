@@ -1,6 +1,5 @@
 """kernels.pallas (TPU kernel) run in interpret mode on CPU, against the reference. Tiny shapes: interpret is slow."""
 import chex
-import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
