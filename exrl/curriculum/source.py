@@ -1,8 +1,14 @@
-"""Prompt sources: where the RL loop takes each step's problems from.
+"""Problem sources: where the RL loop takes each step's problems from, and where its feedback goes.
 
-A source is stateless in the step: `batch(step, n)` is a pure function of (seed, step, n), so a
-resumed run sees exactly the problems the killed run would have seen, and the checkpoint only
-needs the step. (The ExIt buffer, which has state, saves it through `state_dict`.)
+The contract (`ProblemSource`):
+  batch(step, n) -> n problems for this step;
+  update(problems, experience) after the step's rollouts (feedback for a stateful source, such as the
+    ExIt buffer; a no-op for the stateless ones here);
+  state_dict() -> a JSON-serialisable dict, saved in every checkpoint's meta;
+  load_state_dict(d) restores it on resume, so a resumed run draws exactly the problems an
+    uninterrupted one would.
+`TaskSource` and `DatasetSource` are pure functions of (seed, step, n); their state is their identity,
+and `load_state_dict` checks that a resumed run uses the same source.
 """
 from __future__ import annotations
 
@@ -14,10 +20,25 @@ from exrl.tasks.base import Problem
 
 class ProblemSource(Protocol):
   def batch(self, step: int, n: int) -> list[Problem]: ...
+  def update(self, problems: Sequence[Problem], experience) -> None: ...
   def state_dict(self) -> dict: ...
+  def load_state_dict(self, state: dict) -> None: ...
 
 
-class TaskSource:
+class StatelessSource:
+  """Base for sources that are pure functions of the step: no feedback, and state is identity only."""
+
+  def update(self, problems: Sequence[Problem], experience) -> None:
+    del problems, experience
+
+  def load_state_dict(self, state: dict) -> None:
+    mine = self.state_dict()
+    if state != mine:
+      raise ValueError(f"the checkpoint was written with source {state}, but this run uses {mine}; "
+                       f"resume with the same source, or start a new run_dir")
+
+
+class TaskSource(StatelessSource):
   """Fresh problems from a built-in task generator for every step (train split only)."""
 
   def __init__(self, task, seed: int = 0):
@@ -31,7 +52,7 @@ class TaskSource:
     return {"kind": "task", "task": self.task.name, "seed": self.seed}
 
 
-class DatasetSource:
+class DatasetSource(StatelessSource):
   """Epochs over a fixed list of problems, reshuffled per epoch from the seed."""
 
   def __init__(self, problems: Sequence[Problem], seed: int = 0):

@@ -114,7 +114,7 @@ def verify_math(response: str, problem: base.Problem) -> float:
   """1.0 iff math-verify finds the response's answer equal to the reference answer, else 0.0.
 
   math-verify's own timeouts use SIGALRM, which only works on the main thread; elsewhere they are off and the caller
-  must bound the time (the reward pool in `exrl.rl.rewards` always does).
+  must bound the time (the pool in `exrl.tasks.pool` always does).
   """
   from math_verify import parse, verify  # sympy-heavy; import lazily.
 

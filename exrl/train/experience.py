@@ -1,11 +1,21 @@
-"""From sampled rollouts to a train batch: re-scoring, rewards, advantages, packing into micro-batches.
+"""The `collect` seam: what a rollout hands the RL loop (`Experience`), re-scoring, and packing.
+
+A collector turns a step's problems into an `Experience`:
+
+  collector.collect(params, ref_params, problems, key) -> Experience
+
+Single-turn GRPO / Intuitor (`exrl.train.collect.GroupCollector`) is one; Delethink chunks, ExIt
+self-iteration and multi-turn agents are others. The loop only packs `Experience.rows` into
+micro-batches and trains on them, so a new rollout kind never touches `train_rl`.
 
 Every per-token array here is aligned with the sequence tokens: index s describes token s, and
 position 0 (never a response token) holds 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +24,49 @@ import numpy as np
 from exrl.models.config import ModelConfig
 from exrl.rl.rewards import self_certainty_reward
 from exrl.train.objectives import shifted_stats
+
+
+ROW_FIELDS = ("tokens", "valid", "positions", "loss_mask", "old_logp", "ref_logp", "adv", "trace_id", "group_id")
+
+
+@dataclasses.dataclass
+class Experience:
+  """One step's rollouts, ready to train on.
+
+  rows: host numpy arrays, one row per packed segment, all of width T:
+    tokens int32[R, T], valid bool[R, T], positions int32[R, T], loss_mask float32[R, T] (1 on tokens that
+    carry loss: response tokens, or agent tokens only in a multi-turn trace), old_logp and ref_logp
+    float32[R, T] (token-aligned, 0 off the mask), adv float32[R] (the trace's advantage, on every row of
+    the trace), trace_id int32[R] and group_id int32[R] (global in this step; rows of one group are
+    contiguous, and a trace may span several rows).
+  traces: per-trace host records, each a sequence of length num_traces. Always `problem` (index into the
+    step's problems), `text` (the final response), `reward` (the scalar reward the advantage came from),
+    `length` (response tokens over all segments); a collector may add more (`correct`, `self_certainty`,
+    `history`, ...). Sources read these in `update`.
+  metrics: host floats for metrics.jsonl (means over the step), including per-stage seconds.
+  """
+  rows: dict[str, np.ndarray]
+  traces: dict[str, Sequence[Any]]
+  metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    missing = [k for k in ROW_FIELDS if k not in self.rows]
+    if missing:
+      raise ValueError(f"Experience.rows lacks {missing}; a collector must provide {list(ROW_FIELDS)}")
+    for k in ("problem", "text", "reward", "length"):
+      if k not in self.traces:
+        raise ValueError(f"Experience.traces lacks {k!r}; a collector must provide problem, text, reward, length")
+
+  @property
+  def num_traces(self) -> int:
+    return len(self.traces["reward"])
+
+
+class Collector(Protocol):
+  """Turns problems into an Experience. `close` frees host resources (worker pools, HTTP sessions)."""
+
+  def collect(self, params, ref_params, problems: Sequence, key: jax.Array) -> Experience: ...
+  def close(self) -> None: ...
 
 
 @functools.partial(jax.jit, static_argnames=("config", "with_ref", "implementation"))
@@ -39,19 +92,48 @@ def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positi
   return jax.lax.stop_gradient(out)
 
 
-def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, group_size: int) -> dict[str, np.ndarray]:
-  """Split [B, ...] host arrays into [M, B/M, ...] with whole groups per micro-batch.
+def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, row_multiple: int = 1
+                      ) -> dict[str, np.ndarray]:
+  """Split [R, ...] host rows into [M, Bm, ...] micro-batches, each group whole in one micro-batch.
 
-  Adds `trace_id` (row index within the micro-batch: one trace per row) and `group_id` (group index
-  within the micro-batch), as the loss wants ids local to what it sees.
+  rows: per-token fields [R, T] and per-row fields [R] of `Experience.rows`, with global `trace_id` and
+    `group_id` (a trace may span several rows: Delethink chunks). Groups are contiguous runs of rows.
+  Groups are cut into M contiguous runs of about R/M rows; every micro-batch is padded to the same Bm (a
+  multiple of `row_multiple`, e.g. the mesh's data*fsdp) with empty rows: valid False, loss_mask 0, adv 0.
+  Ids are renumbered local to each micro-batch, as the loss wants ids in [0, Bm); padding rows get ids of
+  their own, and carry no loss. Raises if M is larger than the number of groups.
   """
-  B = next(iter(rows.values())).shape[0]
-  if B % num_microbatches:
-    raise ValueError(f"batch of {B} rows is not divisible by num_microbatches={num_microbatches}")
-  Bm = B // num_microbatches
-  if Bm % group_size:
-    raise ValueError(f"micro-batch of {Bm} rows does not hold whole groups of group_size={group_size}; "
-                     f"choose num_microbatches so that (prompts*group)/num_microbatches is a multiple of the group")
-  local = np.arange(B) % Bm
-  rows = dict(rows, trace_id=local.astype(np.int32), group_id=(local // group_size).astype(np.int32))
-  return {k: v.reshape(num_microbatches, Bm, *v.shape[1:]) for k, v in rows.items()}
+  group_B = np.asarray(rows["group_id"])
+  R = group_B.shape[0]
+  starts = np.flatnonzero(np.r_[True, group_B[1:] != group_B[:-1]])
+  if len(np.unique(group_B)) != len(starts):
+    raise ValueError("pack_microbatches: rows of one group must be contiguous")
+  if num_microbatches < 1 or num_microbatches > len(starts):
+    raise ValueError(f"num_microbatches={num_microbatches} must be in [1, {len(starts)}] (the number of groups)")
+  # Cut at group starts closest to the even split points, so equal groups split exactly as R/M rows each.
+  bounds = [0]
+  for m in range(1, num_microbatches):
+    target = m * R / num_microbatches
+    cands = starts[starts > bounds[-1]]
+    cands = cands[: len(cands) - (num_microbatches - 1 - m)] if num_microbatches - 1 - m else cands
+    bounds.append(int(cands[np.argmin(np.abs(cands - target))]))
+  bounds.append(R)
+  Bm = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+  Bm = -(-Bm // row_multiple) * row_multiple
+  out = {k: np.zeros((num_microbatches, Bm, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in rows.items()}
+  for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for k, v in rows.items():
+      out[k][m, : b - a] = np.asarray(v)[a:b]
+    n = b - a
+    out["trace_id"][m, :n] = _renumber(rows["trace_id"][a:b])
+    out["group_id"][m, :n] = _renumber(rows["group_id"][a:b])
+    out["trace_id"][m, n:] = np.arange(n, Bm)
+    out["group_id"][m, n:] = np.arange(n, Bm)
+  return out
+
+
+def _renumber(ids: np.ndarray) -> np.ndarray:
+  """Map ids to 0..k-1 in order of first appearance."""
+  _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+  rank = np.argsort(np.argsort(first))
+  return rank[inverse].astype(np.int32)

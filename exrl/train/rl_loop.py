@@ -19,7 +19,7 @@ import numpy as np
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
-from exrl.rl import rewards as rewards_lib
+from exrl.tasks import pool as pool_lib
 from exrl.rl.advantages import AdvantageConfig, compute_advantages
 from exrl.rl.losses import LossConfig
 from exrl.tasks import get_verifier
@@ -143,7 +143,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   step_fn = make_train_step(rl_loss_fn(model_config, cfg.loss, remat=cfg.remat), optimizer, mesh, state_sh,
                             state_sh.params)
 
-  pool = rewards_lib.VerifierPool(timeout_s=cfg.verifier_timeout_s)
+  pool = pool_lib.VerifierPool(timeout_s=cfg.verifier_timeout_s)
   ckpt = Checkpointer(run_dir / "ckpt", keep=cfg.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -172,7 +172,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       t_sample = time.time()
       comp_tokens, comp_mask, sc_host, lengths = jax.device_get((out.tokens_BxN, out.mask_BxN, sc_B, out.lengths_B))
       texts = [decode_completion(tokenizer, t[m].tolist()) for t, m in zip(comp_tokens, comp_mask)]
-      correct, vinfo = rewards_lib.verifier_rewards(texts, rollout_problems, verify, pool=pool)
+      correct, vinfo = pool_lib.verifier_rewards(texts, rollout_problems, verify, pool=pool)
       reward_cols = {"verifier": [correct], "self_certainty": [sc_host], "mix": [correct, sc_host]}[cfg.reward]
       rewards_BxR = np.stack(reward_cols, axis=1).astype(np.float32)
       weights = np.asarray(cfg.mix_weights, np.float32) if cfg.reward == "mix" else None

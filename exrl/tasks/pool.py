@@ -1,0 +1,252 @@
+"""Time-bounded verifier calls in worker processes: `VerifierPool`, `default_pool`, `verifier_rewards`.
+
+Verifier calls run on model output, which is untrusted input: a parse can hang (sympy on a pathological expression) or
+crash (an exception, or the interpreter dying). `VerifierPool` runs each call in a persistent worker process under a
+wall-clock deadline. A call past its deadline has its worker killed and replaced; a call that raises, returns a
+non-number, or kills its worker scores 0. Both are counted, never raised, so one bad sample cannot take a run down.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import multiprocessing as mp
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait as mp_wait
+from typing import Any
+
+import numpy as np
+
+# Imported once by the forkserver, so replacing a killed worker costs a fork, not a fresh sympy import.
+_PRELOAD = ["exrl.tasks.pool", "exrl.tasks", "math_verify"]
+
+
+# A worker that has not said "ready" after this long is an infrastructure failure, not a bad sample.
+START_TIMEOUT_S = 120.0
+
+
+def _worker_main(conn) -> None:
+  """Worker loop: say ready, then receive (fn, args) and reply ("ok", float) or ("err", message); None or EOF ends it."""
+  conn.send(("ready", None))
+  while True:
+    try:
+      msg = conn.recv()
+    except (EOFError, OSError):
+      return
+    except BaseException as e:  # An unpicklable job (e.g. fn not importable here) is that job's error.
+      conn.send(("err", f"could not unpickle job: {type(e).__name__}: {e}"))
+      continue
+    if msg is None:
+      return
+    fn, args = msg
+    try:
+      conn.send(("ok", float(fn(*args))))
+    except BaseException as e:  # Verifier bugs of any kind are scored 0, not propagated.
+      conn.send(("err", f"{type(e).__name__}: {e}"[:500]))
+
+
+class _Worker:
+  """One worker process and the parent's end of its pipe, with the job it runs (if any) and that job's deadline."""
+
+  def __init__(self, ctx):
+    self.conn, child = ctx.Pipe(duplex=True)
+    self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+    self.proc.start()
+    child.close()  # Keep only the worker's copy, so its death reads as EOF here.
+    self.ready = False
+    self.job: int | None = None
+    self.deadline = time.monotonic() + START_TIMEOUT_S
+
+  def kill(self) -> None:
+    self.proc.kill()
+    self.proc.join(timeout=5)
+    self.conn.close()
+
+  def stop(self) -> None:
+    try:
+      self.conn.send(None)
+    except (OSError, ValueError):
+      pass
+    self.proc.join(timeout=1)
+    if self.proc.is_alive():
+      self.kill()
+    else:
+      self.conn.close()
+
+
+class VerifierPool:
+  """Persistent worker processes that run verifier calls, each under `timeout_s` seconds of wall-clock time.
+
+  A call's deadline starts when a ready worker receives it (worker start-up is not charged to it), so a batch of B
+  calls takes about ceil(B / num_workers) * timeout_s at worst. `fn` and its arguments must be picklable, and `fn`
+  importable by name in a fresh process (a module-level function of an importable module, not one defined in
+  `__main__` or a lambda; those score 0 and count as errors). `map` is serialised by a lock, so threads may share a pool. The default "forkserver" start method forks workers from a clean server
+  process: safe next to a multithreaded JAX parent, and cheap to replace after a kill.
+  """
+
+  def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, start_method: str = "forkserver"):
+    if num_workers < 1:
+      raise ValueError(f"num_workers={num_workers} must be >= 1")
+    if not timeout_s > 0:
+      raise ValueError(f"timeout_s={timeout_s} must be > 0")
+    if start_method not in mp.get_all_start_methods():
+      raise ValueError(f"start_method={start_method!r} is not available; use one of {mp.get_all_start_methods()}")
+    self.num_workers, self.timeout_s = num_workers, float(timeout_s)
+    self._ctx = mp.get_context(start_method)
+    if start_method == "forkserver":
+      self._ctx.set_forkserver_preload(_PRELOAD)
+    self._workers: list[_Worker] = []
+    self._lock = threading.Lock()
+
+  def _ensure_workers(self) -> None:
+    alive = []
+    for w in self._workers:
+      if w.proc.is_alive():
+        alive.append(w)
+      else:
+        w.kill()
+    self._workers = alive
+    while len(self._workers) < self.num_workers:
+      self._workers.append(_Worker(self._ctx))
+
+  def _replace(self, w: _Worker) -> None:
+    w.kill()
+    self._workers[self._workers.index(w)] = _Worker(self._ctx)
+
+  def map(self, fn: Callable[..., float], jobs: Sequence[tuple]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Runs fn(*job) for each job. Returns (scores float32[len(jobs)], info).
+
+    A score is fn's value clipped to [0, 1]; timeouts, errors and non-finite values score 0. info holds the counts
+    `verifier_timeouts` and `verifier_errors`, `verifier_time_s` (wall seconds for the batch) and the first few error
+    messages under `verifier_error_examples`. Raises RuntimeError only if worker processes cannot be started at all.
+    """
+    with self._lock:
+      return self._map(fn, jobs)
+
+  def _map(self, fn: Callable[..., float], jobs: Sequence[tuple]) -> tuple[np.ndarray, dict[str, Any]]:
+    t0 = time.perf_counter()
+    scores = np.zeros(len(jobs), np.float32)
+    timeouts = errors = start_failures = 0
+    examples: list[str] = []
+
+    def fail(msg: str) -> None:
+      nonlocal errors
+      errors += 1
+      if len(examples) < 3:
+        examples.append(msg)
+
+    def lost_worker(w: _Worker, why: str) -> None:
+      nonlocal start_failures
+      if w.job is None:  # Died or hung before it was ready: not a sample's fault.
+        start_failures += 1
+        if start_failures > 3 * self.num_workers:
+          raise RuntimeError(f"verifier worker processes keep failing to start ({why}); last exit code "
+                             f"{w.proc.exitcode}")
+      self._replace(w)
+
+    self._ensure_workers()
+    pending = deque(enumerate(jobs))
+    retried: set[int] = set()
+    while pending or any(w.job is not None for w in self._workers):
+      for w in list(self._workers):
+        if not (pending and w.ready and w.job is None):
+          continue
+        i, job = pending.popleft()
+        try:
+          w.conn.send((fn, tuple(job)))
+        except (OSError, ValueError):  # The worker died while idle: replace it and retry the job once.
+          self._replace(w)
+          if i in retried:
+            fail(f"job {i}: could not reach a verifier process")
+          else:
+            retried.add(i)
+            pending.appendleft((i, job))
+          continue
+        except Exception as e:  # Pickling failed before anything was written: the worker is still clean.
+          fail(f"job {i}: could not pickle: {type(e).__name__}: {e}")
+          continue
+        w.job, w.deadline = i, time.monotonic() + self.timeout_s
+      watch = [w for w in self._workers if w.job is not None or not w.ready]
+      if not watch:
+        continue
+      wait_s = max(0.0, min(w.deadline for w in watch) - time.monotonic())
+      readable = set(mp_wait([w.conn for w in watch] + [w.proc.sentinel for w in watch], timeout=wait_s))
+      now = time.monotonic()
+      for w in watch:
+        if w.conn in readable or w.proc.sentinel in readable:
+          try:
+            status, value = w.conn.recv()
+          except (EOFError, OSError):
+            if w.job is not None:
+              w.proc.join(timeout=1)  # Reap it, so the exit code is known.
+              fail(f"job {w.job}: verifier process died (exit code {w.proc.exitcode})")
+            lost_worker(w, "died")
+            continue
+          if status == "ready":
+            w.ready = True
+            continue
+          i, w.job = w.job, None
+          if status == "ok" and math.isfinite(value):
+            scores[i] = min(max(value, 0.0), 1.0)
+          else:
+            fail(f"job {i}: {value if status == 'err' else f'non-finite score {value}'}")
+        elif now >= w.deadline:
+          if w.job is not None:
+            timeouts += 1
+          lost_worker(w, f"not ready after {START_TIMEOUT_S} s")
+    info = {"verifier_timeouts": timeouts, "verifier_errors": errors,
+            "verifier_time_s": time.perf_counter() - t0, "verifier_error_examples": examples}
+    return scores, info
+
+  def close(self) -> None:
+    with self._lock:
+      for w in self._workers:
+        w.stop()
+      self._workers = []
+
+  def __enter__(self) -> VerifierPool:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+_DEFAULT_POOL: VerifierPool | None = None
+
+
+def default_pool() -> VerifierPool:
+  """A process-wide pool (2 workers, 5 s per call), created on first use and closed at exit."""
+  global _DEFAULT_POOL
+  if _DEFAULT_POOL is None:
+    _DEFAULT_POOL = VerifierPool()
+    atexit.register(_DEFAULT_POOL.close)
+  return _DEFAULT_POOL
+
+
+def verifier_rewards(responses: Sequence[str], problems: Sequence[Any],
+                     verify: Callable[[str, Any], float] | None = None, *,
+                     pool: VerifierPool | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+  """Verifier reward for each (response, problem) pair: float32[B] in [0, 1], plus info counts.
+
+  verify: a picklable `(response, problem) -> score`, e.g. `task.verify` or `exrl.tasks.verify_math`. When None, each
+    problem's verifier is looked up by `problem.task` in `exrl.tasks.VERIFIERS` (exact integer match for the built-in
+    tasks, math-verify for datasets).
+  pool: where calls run under their timeout; `default_pool()` when None.
+  """
+  if len(responses) != len(problems):
+    raise ValueError(f"got {len(responses)} responses but {len(problems)} problems; they must pair up")
+  pool = pool or default_pool()
+  if verify is not None:
+    return pool.map(verify, list(zip(responses, problems)))
+  from exrl import tasks  # Host-side only; imported lazily so the device path never needs it.
+
+  # Module-level verifiers pickle by reference: cheap to ship with every job.
+  fns = [tasks.get_verifier(p.task) for p in problems]
+  return pool.map(_call, [(f, r, p) for f, r, p in zip(fns, responses, problems)])
+
+
+def _call(fn: Callable[[str, Any], float], response: str, problem: Any) -> float:
+  return fn(response, problem)
