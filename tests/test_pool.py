@@ -2,6 +2,7 @@
 import os
 import time
 
+import chex
 import numpy as np
 import pytest
 
