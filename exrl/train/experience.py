@@ -43,11 +43,13 @@ class Experience:
     step's problems), `text` (the final response), `reward` (the scalar reward the advantage came from),
     `length` (response tokens over all segments); a collector may add more (`correct`, `self_certainty`,
     `history`, ...). Sources read these in `update`.
-  metrics: host floats for metrics.jsonl (means over the step), including per-stage seconds.
+  metrics: deterministic host floats for metrics.jsonl (means over the step): identical in a resumed run.
+  timing: wall-clock host floats (per-stage seconds, tokens/s), logged apart from the metrics.
   """
   rows: dict[str, np.ndarray]
   traces: dict[str, Sequence[Any]]
   metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+  timing: dict[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
     missing = [k for k in ROW_FIELDS if k not in self.rows]

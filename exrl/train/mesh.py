@@ -54,11 +54,6 @@ def param_shardings(params_shapes, param_axes, mesh: Mesh, rules=DEFAULT_RULES):
                       params_shapes, param_axes, is_leaf=lambda x: isinstance(x, tuple) and not hasattr(x, "shape"))
 
 
-def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Rows over (data, fsdp); the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import random
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
@@ -17,12 +15,10 @@ import numpy as np
 from exrl.models.config import ModelConfig
 from exrl.rollout.sampler import bucket_length
 from exrl.train import mesh as mesh_lib
-from exrl.train.checkpoint import Checkpointer
-from exrl.train.metrics import MetricsWriter, ProgressBar
 from exrl.train.objectives import sft_loss_fn
-from exrl.train.rl_loop import check_mesh_batch, check_vocab, setup_state
 from exrl.train.state import OptimConfig, TrainState, make_optimizer
-from exrl.train.step import make_train_step, shard_batch
+from exrl.train.step import shard_batch
+from exrl.train.trainer import check_mesh_batch, check_vocab, open_run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,40 +63,23 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   length = min(bucket_length(longest, 16), cfg.max_len)
   if cfg.batch_size % cfg.num_microbatches:
     raise ValueError(f"SFTConfig.batch_size={cfg.batch_size} is not divisible by num_microbatches={cfg.num_microbatches}")
-  run_dir = Path(cfg.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
-  mesh = mesh_lib.make_mesh(cfg.mesh)
-  check_mesh_batch(mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  state, state_sh = setup_state(model_config, params, optimizer, cfg.seed, mesh)
-  step_fn = make_train_step(sft_loss_fn(model_config, remat=cfg.remat), optimizer, mesh, state_sh, None)
-  ckpt = Checkpointer(run_dir / "ckpt", keep=cfg.keep_checkpoints)
-  start = ckpt.latest_step() or 0
-  if start:
-    state, _ = ckpt.restore(start, abstract_state=state)
-    print(f"resumed SFT from step {start}", flush=True)
-  writer = MetricsWriter(run_dir, resume_step=start if start else None)
-  (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-  bar = ProgressBar(cfg.steps, {"nll": "nll", "gnorm": "grad_norm"}, initial=start, desc="sft")
-  try:
-    for step in range(start, cfg.steps):
+  with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=sft_loss_fn(model_config, remat=cfg.remat),
+                seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
+                bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False) as run:
+    check_mesh_batch(run.mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
+    M = cfg.num_microbatches
+    for step in range(run.start, cfg.steps):
       t0 = time.time()
-      picks = _epoch_slice(len(ids), cfg.batch_size, step, cfg.seed)
-      rows = sft_rows([ids[i] for i in picks], length)
-      M = cfg.num_microbatches
+      rows = sft_rows([ids[i] for i in _epoch_slice(len(ids), cfg.batch_size, step, cfg.seed)], length)
       batch = {k: v.reshape(M, cfg.batch_size // M, *v.shape[1:]) for k, v in rows.items()}
-      state, metrics = step_fn(state, shard_batch(batch, mesh), None)
+      run.state, metrics = run.step_fn(run.state, shard_batch(batch, run.mesh), None)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      writer.write(step + 1, metrics, {"step_s": time.time() - t0})
-      bar.update(step + 1, metrics)
+      run.writer.write(step + 1, metrics, {"step_s": time.time() - t0})
+      run.bar.update(step + 1, metrics)
       if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-        ckpt.save(step + 1, state, {"step": step + 1}, force=True)
-  finally:
-    bar.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-  return state
+        run.save(step + 1, {})
+    return run.state
 
 
 @functools.lru_cache(maxsize=4)

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from exrl.models import decoder
-from exrl.train.experience import score
+import pytest
+
+from exrl.train.experience import pack_microbatches, score
 from tests.train.test_step import CFG, _rows
 
 
@@ -34,3 +36,45 @@ def test_score_matches_numpy_self_certainty_and_logp():
   np.testing.assert_allclose(out["ref_sc_B"], ref_sc_B, rtol=1e-5, atol=1e-6)  # the offline annotator
   np.testing.assert_allclose(out["ref_logp"][:, 1:], ref_logp, atol=1e-5)
   assert not np.allclose(sc_B, ref_sc_B)
+
+
+def _rows_for(group_B, trace_B, T=3):
+  R = len(group_B)
+  return {"tokens": np.arange(R * T, dtype=np.int32).reshape(R, T) + 1, "valid": np.ones((R, T), bool),
+          "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1)), "loss_mask": np.ones((R, T), np.float32),
+          "old_logp": np.full((R, T), -1.0, np.float32), "ref_logp": np.full((R, T), -2.0, np.float32),
+          "adv": np.arange(R, dtype=np.float32), "trace_id": np.asarray(trace_B, np.int32),
+          "group_id": np.asarray(group_B, np.int32)}
+
+
+def test_pack_equal_groups_splits_contiguously():
+  rows = _rows_for([0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 2, 3, 4, 5, 6, 7])
+  mb = pack_microbatches(rows, 2)
+  assert mb["tokens"].shape == (2, 4, 3)
+  np.testing.assert_array_equal(mb["adv"], [[0, 1, 2, 3], [4, 5, 6, 7]])
+  np.testing.assert_array_equal(mb["trace_id"], [[0, 1, 2, 3], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(mb["group_id"], [[0, 0, 1, 1], [0, 0, 1, 1]])
+
+
+def test_pack_multi_row_traces_keeps_groups_whole_and_pads():
+  """Delethink-like rows: group 0 has traces 0 (3 chunks) and 1 (1 chunk); group 1 has traces 2, 3 (1 chunk each);
+  group 2 has trace 4 (2 chunks) and 5 (1). Two micro-batches of whole groups, padded to a multiple of 4."""
+  group_B = [0, 0, 0, 0, 1, 1, 2, 2, 2]
+  trace_B = [0, 0, 0, 1, 2, 3, 4, 4, 5]
+  rows = _rows_for(group_B, trace_B)
+  mb = pack_microbatches(rows, 2, row_multiple=4)
+  assert mb["tokens"].shape == (2, 8, 3)  # 4 rows | 5 rows -> padded to 8 each
+  np.testing.assert_array_equal(mb["tokens"][0, :4], rows["tokens"][:4])
+  np.testing.assert_array_equal(mb["tokens"][1, :5], rows["tokens"][4:])
+  np.testing.assert_array_equal(mb["trace_id"][0], [0, 0, 0, 1, 4, 5, 6, 7])  # padding rows: ids of their own
+  np.testing.assert_array_equal(mb["trace_id"][1], [0, 1, 2, 2, 3, 5, 6, 7])
+  np.testing.assert_array_equal(mb["group_id"][1, :5], [0, 0, 1, 1, 1])
+  for m, n in ((0, 4), (1, 5)):  # padding carries no loss and no valid token
+    assert not mb["valid"][m, n:].any() and not mb["loss_mask"][m, n:].any() and not mb["adv"][m, n:].any()
+
+
+def test_pack_rejects_split_groups_and_too_many_microbatches():
+  with pytest.raises(ValueError, match="contiguous"):
+    pack_microbatches(_rows_for([0, 1, 0], [0, 1, 2]), 1)
+  with pytest.raises(ValueError, match="num_microbatches=3 must be in \\[1, 2\\]"):
+    pack_microbatches(_rows_for([0, 0, 1, 1], [0, 1, 2, 3]), 3)

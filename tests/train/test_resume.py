@@ -1,4 +1,5 @@
 """A run killed with SIGKILL (between steps, or mid-save) and resumed ends bitwise-identical to a straight run."""
+import json
 import os
 import signal
 import subprocess
@@ -22,8 +23,8 @@ def _env(cache):
   return env
 
 
-def _start(run_dir, cache):
-  return subprocess.Popen([sys.executable, "-m", "tests.train.mini_rl", str(run_dir), str(STEPS)], cwd=ROOT,
+def _start(run_dir, cache, source="task"):
+  return subprocess.Popen([sys.executable, "-m", "tests.train.mini_rl", str(run_dir), str(STEPS), source], cwd=ROOT,
                           env=_env(cache), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -84,4 +85,29 @@ def test_kill_and_resume_is_bitwise_identical(straight, kill_point, tmp_path):
     _kill_when(proc, lambda: _metrics_steps(run) >= 2 and _saving(run))
   assert not (run / "final_params.npz").exists()
   _finish(_start(run, cache))
+  _assert_same(run, ref)
+
+
+def _draws(run):
+  """Each step's drawn prompts; a killed run's draws past its checkpoint are re-drawn, the last one counts."""
+  by_step = {}
+  for line in (run / "draws.jsonl").read_text().splitlines():
+    r = json.loads(line)
+    by_step[r["step"]] = r["prompts"]
+  return by_step
+
+
+@pytest.mark.slow
+def test_stateful_source_resumes_its_state(tmp_path_factory, tmp_path):
+  """A source with state (failure counts, host RNG) killed and resumed draws exactly what a straight run draws."""
+  cache = tmp_path_factory.mktemp("jax_cache_src")
+  ref = tmp_path / "straight"
+  _finish(_start(ref, cache, "hardest"))
+  run = tmp_path / "run"
+  proc = _start(run, cache, "hardest")
+  _kill_when(proc, lambda: _metrics_steps(run) >= 3)
+  _finish(_start(run, cache, "hardest"))
+  assert _draws(run) == _draws(ref)
+  assert len(_draws(ref)) == STEPS
+  assert len({tuple(p) for p in _draws(ref).values()}) > 1  # the draws really depend on the state
   _assert_same(run, ref)

@@ -1,12 +1,12 @@
 """The RL loop end to end on tiny sizes: it learns a trivially learnable reward, and bad configs fail early."""
 import chex
-import jax
 import numpy as np
 import pytest
 
 from exrl.models.config import ModelConfig
 from exrl.train.metrics import read_jsonl
-from exrl.train.rl_loop import RLConfig, check_vocab
+from exrl.train.rl_loop import RLConfig
+from exrl.train.trainer import check_vocab
 from tests.train import mini_rl
 
 
@@ -36,14 +36,8 @@ def test_bad_configs_fail_at_start():
                             num_kv_heads=1, head_dim=16), Tok())
 
 
-def test_batch_not_divisible_by_mesh(tmp_path):
-  assert len(jax.devices()) == 8
-  with pytest.raises(ValueError, match="12 rows per micro-batch are not divisible by data\\*fsdp=8"):
-    mini_rl.run(str(tmp_path), steps=1, prompts_per_step=3)
-
-
 def test_group_correlation_matches_numpy():
-  from exrl.train.rl_loop import group_correlation
+  from exrl.train.collect import group_correlation
   rng = np.random.default_rng(0)
   x, y = rng.standard_normal(12), (rng.random(12) > 0.5).astype(float)
   y[8:] = 1.0  # a constant group is skipped
@@ -54,18 +48,18 @@ def test_group_correlation_matches_numpy():
 def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
   """From step 3 on the advantages are NaN: updates are skipped and counted, the run stops after 3 in a row
   with a message naming the last good checkpoint, and that checkpoint holds finite params."""
-  from exrl.train import rl_loop
+  from exrl.train import collect
   from exrl.train.checkpoint import Checkpointer
 
   calls = {"n": 0}
-  real = rl_loop.compute_advantages
+  real = collect.compute_advantages
 
   def poisoned(*a, **k):
     calls["n"] += 1
     adv, keep = real(*a, **k)
     return (adv * np.nan if calls["n"] >= 3 else adv), keep
 
-  monkeypatch.setattr(rl_loop, "compute_advantages", poisoned)
+  monkeypatch.setattr(collect, "compute_advantages", poisoned)
   with pytest.raises(FloatingPointError, match=r"step 5: 3 consecutive updates .* last good checkpoint \(step 4\)"):
     mini_rl.run(str(tmp_path), steps=8)
   rows = read_jsonl(tmp_path / "metrics.jsonl")

@@ -11,7 +11,7 @@ from exrl.rl.losses import LossConfig
 from exrl.train import mesh as mesh_lib
 from exrl.train.experience import pack_microbatches
 from exrl.train.objectives import rl_loss_fn, sft_loss_fn
-from exrl.train.rl_loop import setup_state
+from exrl.train.trainer import setup_state
 from exrl.train.state import OptimConfig, init_state, make_optimizer
 from exrl.train.step import make_train_step, shard_batch
 

@@ -1,0 +1,100 @@
+"""What SFT and RL runs share: run dir, mesh, sharded train state, jitted step, checkpoints, metrics, progress.
+
+  with open_run(run_dir, cfg, model_config, params, optimizer=..., loss_fn=..., ...) as run:
+    for step in range(run.start, steps): ... run.state, m = run.step_fn(run.state, batch, frozen) ...
+
+On entry the newest checkpoint in `run_dir/ckpt` is restored (with its meta, e.g. the problem source's
+state); on exit the checkpointer is drained and every writer closed, even when the body raised.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import jax
+
+from exrl.models import decoder
+from exrl.models.config import ModelConfig
+from exrl.train import mesh as mesh_lib
+from exrl.train.checkpoint import Checkpointer
+from exrl.train.metrics import MetricsWriter, ProgressBar
+from exrl.train.state import TrainState, init_state
+from exrl.train.step import make_train_step
+
+
+def check_vocab(model_config: ModelConfig, tokenizer) -> None:
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's "
+                     f"vocab_size={model_config.vocab_size}; they must match (the model may pad up)")
+
+
+def check_mesh_batch(mesh, rows_per_microbatch: int, field: str) -> None:
+  div = mesh_lib.batch_divisor(mesh)
+  if rows_per_microbatch % div:
+    raise ValueError(f"{field}: {rows_per_microbatch} rows per micro-batch are not divisible by data*fsdp={div} "
+                     f"of the mesh {dict(mesh.shape)}")
+
+
+def setup_state(model_config, params, optimizer, seed, mesh):
+  """Shard params by the logical-axis rules and build the train state on the mesh."""
+  shardings = mesh_lib.param_shardings(params, decoder.param_axes(model_config), mesh)
+  params = jax.device_put(params, shardings)
+  state = jax.jit(lambda p: init_state(p, optimizer, seed))(params)
+  return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def config_json(cfg: Any) -> dict:
+  """A dataclass config as plain JSON (non-JSON leaves as strings)."""
+  return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+@dataclasses.dataclass
+class Run:
+  """An open run: everything a training loop needs between set-up and teardown."""
+  run_dir: Path
+  mesh: Any
+  state: TrainState
+  state_shardings: Any
+  step_fn: Any
+  ckpt: Checkpointer
+  writer: MetricsWriter
+  bar: ProgressBar
+  start: int  # the step to continue from (0 for a fresh run)
+  meta: Mapping[str, Any]  # the restored checkpoint's meta ({} for a fresh run)
+
+  def save(self, step: int, meta: Mapping[str, Any]) -> None:
+    self.ckpt.save(step, self.state, {"step": step, **meta}, force=True)
+
+
+@contextlib.contextmanager
+def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
+             mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
+             bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool) -> Iterator[Run]:
+  """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json."""
+  run_dir = Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  mesh = mesh_lib.make_mesh(mesh_config)
+  state, state_sh = setup_state(model_config, params, optimizer, seed, mesh)
+  step_fn = make_train_step(loss_fn, optimizer, mesh, state_sh,
+                            state_sh.params if frozen_shardings_like_params else None)
+  ckpt = Checkpointer(run_dir / "ckpt", keep=keep_checkpoints)
+  writer = bar = None
+  try:
+    start, meta = ckpt.latest_step() or 0, {}
+    if start:
+      state, meta = ckpt.restore(start, abstract_state=state)
+      print(f"[{desc}] resumed from {run_dir / 'ckpt'} at step {start}", flush=True)
+    writer = MetricsWriter(run_dir, resume_step=start if start else None)
+    (run_dir / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
+    bar = ProgressBar(total_steps, dict(bar_fields), initial=start, desc=desc)
+    yield Run(run_dir, mesh, state, state_sh, step_fn, ckpt, writer, bar, start, meta or {})
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
