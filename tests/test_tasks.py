@@ -2,7 +2,8 @@
 import json
 import re
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from exrl import tasks
@@ -154,7 +155,7 @@ def test_load_gsm8k_jsonl_and_verify(tmp_path):
 
 def test_load_math_parquet_and_verify(tmp_path):
   f = tmp_path / "math.parquet"
-  pd.DataFrame(MATH_ROWS).to_parquet(f)
+  pq.write_table(pa.Table.from_pylist(MATH_ROWS), f)
   ps = tasks.load_math_dataset(f, question_field="problem", answer_field="solution")
   assert [p.answer for p in ps] == ["\\frac{1}{2}", "2\\sqrt{3}", "\\{1,2\\}"]
   assert tasks.verify_math("The result is $0.5$", ps[0]) == 1.0
