@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable, Iterable
 
 from exrl.tasks.arithmetic import ArithmeticTask, verify_direct_int
+from exrl.tasks.countdown import CountdownTask, verify_countdown
 from exrl.tasks.base import (ANSWER_MARKER, SPLITS, Problem, Task, extract_marked_int, in_eval_split, parse_int)
 from exrl.tasks.math_data import (MathDatasetTask, extract_boxed, extract_final_answer, load_math_dataset,
                                   verify_math)
@@ -20,6 +21,7 @@ from exrl.tasks.scratchpad import ChainSumTask, DigitSumTask, verify_marked_int
 TASKS: dict[str, type] = {
     ArithmeticTask.name: ArithmeticTask,
     ChainSumTask.name: ChainSumTask,
+    CountdownTask.name: CountdownTask,
     DigitSumTask.name: DigitSumTask,
     MathDatasetTask.name: MathDatasetTask,
 }
@@ -28,6 +30,7 @@ TASKS: dict[str, type] = {
 VERIFIERS: dict[str, Callable[[str, Problem], float]] = {
     ArithmeticTask.name: verify_direct_int,
     ChainSumTask.name: verify_marked_int,
+    CountdownTask.name: verify_countdown,
     DigitSumTask.name: verify_marked_int,
     MathDatasetTask.name: verify_math,
 }
