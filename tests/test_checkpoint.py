@@ -133,7 +133,7 @@ def test_keep_last_k_and_interval(tmp_path):
     state, meta = ckpt.restore(8, jax.eval_shape(lambda: _device_state(0)))
     _assert_matches_oracle(state, 8)
     assert meta == {"s": 8}
-    with pytest.raises(FileNotFoundError, match=r"valid steps: \[8, 9\]"):
+    with pytest.raises(FileNotFoundError, match=r"steps on disk: \[8, 9\]"):
       ckpt.restore(4)
   assert sorted(os.listdir(tmp_path)) == ["8", "9"]  # old steps and trash removed
 
