@@ -2,8 +2,8 @@
 each with a learnability score S, sampled with P_i ∝ exp(κ S_i).
 
   buf = TaskBuffer(capacity=512, kappa=10.0, seed=0)
-  buf.record_group(parent_id=None, score=0.16, children=[(problem_dict, [["3*7+5", 1.0]])])
-  entry = buf.sample()             # {"id", "problem", "history", "score"}
+  buf.record_group(parent_id=None, score=0.16, children=[(problem_dict, [["answer: 3*7+5", 1.0]])])
+  entry = buf.sample()             # {"id", "problem", "history", "k", "score"}
 
 Replacement is top-N: below capacity every insert is kept; at capacity a new instance goes in only if its
 score is >= the current minimum, and replaces that minimum (ties: the oldest, i.e. lowest id, goes first).
@@ -46,13 +46,17 @@ class TaskBuffer:
   def __len__(self) -> int:
     return len(self.entries)
 
-  def insert(self, problem: dict, history: Sequence[Sequence], score: float) -> int | None:
-    """Insert one instance; returns its id, or None when the buffer is full and `score` < its minimum."""
+  def insert(self, problem: dict, history: Sequence[Sequence], score: float, k: int | None = None) -> int | None:
+    """Insert one instance; returns its id, or None when the buffer is full and `score` < its minimum.
+
+    history: [[text, quality], ...] oldest first; k: its iterate index (default len(history); larger when
+    the owner dropped old turns).
+    """
     score = float(score)
     if not math.isfinite(score):
       raise ValueError(f"score={score} must be finite (a group reward variance)")
     entry = {"id": self.next_id, "problem": dict(problem), "history": [[str(t), float(q)] for t, q in history],
-             "score": score}
+             "k": len(history) if k is None else int(k), "score": score}
     if len(self.entries) < self.capacity:
       self.entries.append(entry)
     else:
@@ -66,18 +70,17 @@ class TaskBuffer:
     self.counts["inserted"] += 1
     return entry["id"]
 
-  def record_group(self, parent_id: int | None, score: float, children: Sequence[tuple[dict, Sequence]]
-                   ) -> list[int | None]:
+  def record_group(self, parent_id: int | None, score: float, children: Sequence[tuple]) -> list[int | None]:
     """A group was run on instance `parent_id` (None: a base task) and its rewards had variance `score`.
 
-    The parent, if still held, is re-scored to `score`; every child (problem, history) is inserted with
+    The parent, if still held, is re-scored to `score`; every child (problem, history[, k]) is inserted with
     the same score (inheritance). Returns the children's ids (None where rejected).
     """
     if parent_id is not None:
       for e in self.entries:
         if e["id"] == parent_id:
           e["score"] = float(score)
-    return [self.insert(p, h, score) for p, h in children]
+    return [self.insert(c[0], c[1], score, *c[2:]) for c in children]
 
   def probabilities(self) -> list[float]:
     """P_i = exp(κ S_i) / Σ_j exp(κ S_j), in entry order (max-shifted for stability)."""
@@ -97,7 +100,7 @@ class TaskBuffer:
 
   def stats(self) -> dict[str, float]:
     scores = [e["score"] for e in self.entries]
-    ks = [len(e["history"]) for e in self.entries]
+    ks = [e["k"] for e in self.entries]
     return {"buffer_size": float(len(self.entries)),
             "buffer_score_mean": float(sum(scores) / len(scores)) if scores else 0.0,
             "buffer_score_min": float(min(scores)) if scores else 0.0,

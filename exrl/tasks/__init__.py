@@ -17,6 +17,7 @@ from exrl.tasks.base import (ANSWER_MARKER, SPLITS, Problem, Task, extract_marke
 from exrl.tasks.math_data import (MathDatasetTask, extract_boxed, extract_final_answer, load_math_dataset,
                                   verify_math)
 from exrl.tasks.scratchpad import ChainSumTask, DigitSumTask, verify_marked_int
+from exrl.tasks.self_iteration import TASK_NAME as SELF_ITERATION, verify_improvement
 
 TASKS: dict[str, type] = {
     ArithmeticTask.name: ArithmeticTask,
@@ -33,6 +34,7 @@ VERIFIERS: dict[str, Callable[[str, Problem], float]] = {
     CountdownTask.name: verify_countdown,
     DigitSumTask.name: verify_marked_int,
     MathDatasetTask.name: verify_math,
+    SELF_ITERATION: verify_improvement,  # ExIt improve/diverge steps: reads the base verifier from problem.meta
 }
 
 
