@@ -207,6 +207,33 @@ def test_loader_errors(tmp_path):
     tasks.get_task("math", path=str(tmp_path / "nope.jsonl"))
 
 
+def test_bad_utf8_names_file_and_line(tmp_path):
+  good = json.dumps(GSM_ROWS[0]).encode()
+  f = tmp_path / "bad.jsonl"
+  f.write_bytes(good + b"\n" + good + b"\n" + b'{"question": "caf\xe9", "answer": "#### 1"}\n')  # latin-1 e-acute
+  with pytest.raises(ValueError, match=re.escape(f"{f}: line 3 is not valid UTF-8 (byte 18 of the line, b'\\xe9")):
+    tasks.load_math_dataset(f)
+  j = tmp_path / "bad.json"
+  j.write_bytes(b'[\n' + good + b',\n{"question": "\xff", "answer": "#### 2"}\n]')
+  with pytest.raises(ValueError, match=re.escape(f"{j}: line 3 is not valid UTF-8 (byte 15 of the line")):
+    tasks.load_math_dataset(j)
+  j.write_text('[{"question": "q", "answer": "#### 1"},\n oops]')
+  with pytest.raises(ValueError, match=re.escape(f"{j}: not valid JSON at line 2 column 2")):
+    tasks.load_math_dataset(j)
+
+
+def test_drop_long_prompts_says_why_nothing_is_left():
+  ps = [base.Problem("a b c", "1"), base.Problem("a b c d e", "2"), base.Problem("a b", "3")]
+  words = lambda t: len(t.split())
+  kept, dropped = tasks.math_data.drop_long_prompts(ps, words, 3)
+  assert [p.answer for p in kept] == ["1", "3"] and dropped == 1
+  with pytest.raises(ValueError, match=r"all 3 problems of train.jsonl are longer than max_prompt_tokens=1 \(the "
+                                       r"shortest prompt has 2 tokens\); raise --max-prompt-tokens to at least 2"):
+    tasks.math_data.drop_long_prompts(ps, words, 1, "train.jsonl")
+  with pytest.raises(ValueError, match="max_prompt_tokens=0 must be >= 1"):
+    tasks.math_data.drop_long_prompts(ps, words, 0)
+
+
 def test_problem_is_frozen_and_meta_not_compared():
   a = base.Problem("1+1=", "2", meta={"x": 1})
   assert a == base.Problem("1+1=", "2", meta={"x": 2}) and hash(a) == hash(base.Problem("1+1=", "2"))

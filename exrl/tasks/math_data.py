@@ -15,7 +15,7 @@ import os
 import random
 import threading
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 from exrl.tasks import base
 
@@ -57,11 +57,22 @@ def extract_final_answer(text: str) -> str:
   return text.strip()
 
 
+def _utf8_error(path: Path, e: UnicodeDecodeError, line: int, line_start: int) -> ValueError:
+  """Names the file, line (1-based) and byte column of bad UTF-8; `line_start` is the line's byte offset in e.object."""
+  bad = e.object[e.start:e.start + 4]
+  return ValueError(f"{path}: line {line} is not valid UTF-8 (byte {e.start - line_start + 1} of the line, "
+                    f"{bad!r}: {e.reason}); re-encode the file as UTF-8")
+
+
 def _read_rows(path: Path) -> list[dict]:
   if path.suffix == ".jsonl":
     rows = []
-    with path.open() as f:
-      for k, line in enumerate(f, 1):
+    with path.open("rb") as f:  # bytes, so a decoding error can name its line
+      for k, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise _utf8_error(path, e, k, 0) from e
         if line.strip():
           try:
             rows.append(json.loads(line))
@@ -69,7 +80,16 @@ def _read_rows(path: Path) -> list[dict]:
             raise ValueError(f"{path}: line {k} is not valid JSON ({e})") from e
     return rows
   if path.suffix == ".json":
-    data = json.loads(path.read_text())
+    raw = path.read_bytes()
+    try:
+      text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line_start = raw.rfind(b"\n", 0, e.start) + 1
+      raise _utf8_error(path, e, raw.count(b"\n", 0, e.start) + 1, line_start) from e
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not valid JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
     if not isinstance(data, list):
       raise ValueError(f"{path}: a .json dataset must hold a list of objects, found {type(data).__name__}")
     return data
@@ -108,6 +128,24 @@ def load_math_dataset(path: str | os.PathLike, question_field: str = "question",
     out.append(base.Problem(str(row[question_field]), answer, MathDatasetTask.name, solution=raw,
                             meta={"row": k}))
   return out
+
+
+def drop_long_prompts(problems: list[base.Problem], count_tokens: Callable[[str], int], max_prompt_tokens: int,
+                      source: str = "the dataset") -> tuple[list[base.Problem], int]:
+  """(problems whose prompt has <= max_prompt_tokens tokens, number dropped).
+
+  Raises ValueError for max_prompt_tokens < 1, and when every problem is dropped: then the message names the
+  shortest prompt's length, the value that would keep at least one problem (not "the dataset is empty").
+  """
+  if max_prompt_tokens < 1:
+    raise ValueError(f"max_prompt_tokens={max_prompt_tokens} must be >= 1")
+  lengths = [count_tokens(p.prompt) for p in problems]
+  kept = [p for p, n in zip(problems, lengths) if n <= max_prompt_tokens]
+  if problems and not kept:
+    raise ValueError(f"all {len(problems)} problems of {source} are longer than max_prompt_tokens={max_prompt_tokens} "
+                     f"(the shortest prompt has {min(lengths)} tokens); raise --max-prompt-tokens to at least "
+                     f"{min(lengths)}")
+  return kept, len(problems) - len(kept)
 
 
 def verify_math(response: str, problem: base.Problem) -> float:
