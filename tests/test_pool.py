@@ -2,7 +2,6 @@
 import os
 import time
 
-import chex
 import numpy as np
 import pytest
 
@@ -52,9 +51,10 @@ def test_hanging_raising_and_dying_verifiers_score_zero_and_are_counted(pool):
   t0 = time.perf_counter()
   r, info = pool.map(by_response, [(x, p) for x in resp])
   elapsed = time.perf_counter() - t0
+  import chex  # here, not at module level: workers import this module for `by_response`, and chex pulls in jax
   chex.assert_shape(r, (len(resp),))
   assert r.dtype == np.float32
-  np.testing.assert_array_equal(r, [1, 0, 0, 0, 1, 0, 0, 0, 1, 1])  # "big" (7.0) is clipped to 1.
+  np.testing.assert_array_equal(r, [1, 0, 0, 0, 1, 0, 0, 0, 1, 1], err_msg=str(info))  # "big" (7.0) is clipped to 1.
   assert info["verifier_timeouts"] == 2
   assert info["verifier_errors"] == 3  # raise, die, nan.
   assert any("parser exploded" in m for m in info["verifier_error_examples"])
@@ -100,3 +100,44 @@ def test_verifier_rewards_builtin_and_math_dispatch(pool):
   np.testing.assert_array_equal(r, [1, 1, 1])
   with pytest.raises(ValueError, match="2 responses but 1 problems"):
     pool_lib.verifier_rewards(["a", "b"], a[:1], pool=pool)
+
+
+def _run_script(tmp_path, body: str):
+  import subprocess
+  import sys
+  from pathlib import Path
+  script = tmp_path / "script.py"
+  script.write_text(body)
+  repo = Path(__file__).resolve().parents[1]
+  env = {**os.environ, "PYTHONPATH": str(repo)}
+  return script, subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
+
+
+_USE_POOL = """
+from exrl import tasks
+from exrl.tasks.pool import VerifierPool
+p = VerifierPool(num_workers=2, timeout_s=5)
+print(p.map(tasks.verify_math, [("\\\\boxed{1}", tasks.Problem("q", "1"))])[0])
+"""
+
+
+def test_script_without_main_guard_is_named_before_any_worker_starts(tmp_path):
+  script, out = _run_script(tmp_path, _USE_POOL)
+  assert out.returncode == 1
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("exrl.tasks.pool.WorkerStartError: cannot start verifier worker processes: ")
+  assert f'{script} has no `if __name__ == "__main__":` guard' in last
+  assert out.stderr.count("Traceback") == 1  # no worker got far enough to print its own
+  assert pool_lib.main_guard_problem("fork") is None  # forked workers do not re-import the script
+
+
+def test_guarded_script_runs_and_dying_workers_name_the_likely_cause(tmp_path):
+  guarded = "if __name__ == '__main__':\n" + "".join("  " + l + "\n" for l in _USE_POOL.strip().splitlines())
+  _, out = _run_script(tmp_path, guarded)
+  assert out.returncode == 0 and out.stdout.strip() == "[1.]", out.stderr
+  dies = "import os\nif __name__ == '__mp_main__':  # a worker importing the script\n  os._exit(7)\n" + guarded
+  _, out = _run_script(tmp_path, dies)
+  assert out.returncode == 1
+  last = out.stderr.strip().splitlines()[-1]
+  assert "verifier worker processes keep failing to start (died; last exit code 7). Likely cause: " in last
+  assert "a worker dies while importing the main module" in last

@@ -9,8 +9,11 @@ non-number, or kills its worker scores 0. Both are counted, never raised, so one
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import multiprocessing as mp
+import re
+import sys
 import threading
 import time
 from collections import deque
@@ -28,8 +31,42 @@ _PRELOAD = ["exrl.tasks.pool", "exrl.tasks", "math_verify"]
 START_TIMEOUT_S = 120.0
 
 
+_GUARD = re.compile(r"""^[ \t]*if[ \t(]+(__name__[ \t]*==[ \t]*['"]__main__['"]|['"]__main__['"][ \t]*==[ \t]*__name__)""",
+                    re.MULTILINE)
+
+
+def main_guard_problem(start_method: str) -> str | None:
+  """Why workers would fail to start because the running script lacks a `__main__` guard, or None.
+
+  With "spawn" / "forkserver" each worker imports the main script again (as `__mp_main__`); without the guard that
+  re-runs the script's top-level code there, which dies trying to start processes while bootstrapping (or worse,
+  trains again). Interactive sessions and `python -c` have no main file and are fine.
+  """
+  if start_method == "fork":
+    return None
+  main = sys.modules.get("__main__")
+  path = getattr(main, "__file__", None)
+  if not path:
+    return None
+  try:
+    source = open(path, encoding="utf-8", errors="replace").read()
+  except OSError:
+    return None
+  if _GUARD.search(source):
+    return None
+  return (f"{path} has no `if __name__ == \"__main__\":` guard, so each verifier worker process (start method "
+          f"{start_method!r}) would re-run the script when it imports it; put the script's top-level code under "
+          "that guard, e.g. `if __name__ == \"__main__\": main()`")
+
+
+class WorkerStartError(RuntimeError):
+  """Verifier worker processes cannot be started at all (an infrastructure or script problem, not a sample's)."""
+
+
 def _worker_main(conn) -> None:
   """Worker loop: say ready, then receive (fn, args) and reply ("ok", float) or ("err", message); None or EOF ends it."""
+  # math-verify logs each of its own timeouts with the whole input (up to megabytes); the pool counts what matters
+  logging.getLogger("math_verify").setLevel(logging.ERROR)
   conn.send(("ready", None))
   while True:
     try:
@@ -100,8 +137,15 @@ class VerifierPool:
       self._ctx.set_forkserver_preload(_PRELOAD)
     self._workers: list[_Worker] = []
     self._lock = threading.Lock()
+    self._start_method = start_method
+    self._guard_checked = False
 
   def _ensure_workers(self) -> None:
+    if not self._guard_checked:  # before any worker starts: a guard-less script would print a traceback per worker
+      problem = main_guard_problem(self._start_method)
+      if problem:
+        raise WorkerStartError(f"cannot start verifier worker processes: {problem}")
+      self._guard_checked = True
     alive = []
     for w in self._workers:
       if w.proc.is_alive():
@@ -121,7 +165,10 @@ class VerifierPool:
 
     A score is fn's value clipped to [0, 1]; timeouts, errors and non-finite values score 0. info holds the counts
     `verifier_timeouts` and `verifier_errors`, `verifier_time_s` (wall seconds for the batch) and the first few error
-    messages under `verifier_error_examples`. Raises RuntimeError only if worker processes cannot be started at all.
+    messages under `verifier_error_examples`, and `verifier_latency_s` float64[len(jobs)]: each call's wall seconds
+    from dispatch to its reply, its kill at the deadline, or its worker's death (NaN if it never ran). Raises WorkerStartError (a RuntimeError) only if worker processes
+    cannot be started at all, naming the likely
+    cause (e.g. a script without an `if __name__ == "__main__":` guard).
     """
     with self._lock:
       return self._map(fn, jobs)
@@ -129,6 +176,8 @@ class VerifierPool:
   def _map(self, fn: Callable[..., float], jobs: Sequence[tuple]) -> tuple[np.ndarray, dict[str, Any]]:
     t0 = time.perf_counter()
     scores = np.zeros(len(jobs), np.float32)
+    latency = np.full(len(jobs), np.nan)
+    sent_at: dict[int, float] = {}
     timeouts = errors = start_failures = 0
     examples: list[str] = []
 
@@ -143,8 +192,11 @@ class VerifierPool:
       if w.job is None:  # Died or hung before it was ready: not a sample's fault.
         start_failures += 1
         if start_failures > 3 * self.num_workers:
-          raise RuntimeError(f"verifier worker processes keep failing to start ({why}); last exit code "
-                             f"{w.proc.exitcode}")
+          hint = main_guard_problem(self._start_method) or (
+              "a worker dies while importing the main module or the forkserver preloads "
+              f"{_PRELOAD}; run one of them in a fresh python to see the error")
+          raise WorkerStartError(f"verifier worker processes keep failing to start ({why}; last exit code "
+                             f"{w.proc.exitcode}). Likely cause: {hint}")
       self._replace(w)
 
     self._ensure_workers()
@@ -168,7 +220,8 @@ class VerifierPool:
         except Exception as e:  # Pickling failed before anything was written: the worker is still clean.
           fail(f"job {i}: could not pickle: {type(e).__name__}: {e}")
           continue
-        w.job, w.deadline = i, time.monotonic() + self.timeout_s
+        sent_at[i] = time.monotonic()
+        w.job, w.deadline = i, sent_at[i] + self.timeout_s
       watch = [w for w in self._workers if w.job is not None or not w.ready]
       if not watch:
         continue
@@ -176,12 +229,14 @@ class VerifierPool:
       readable = set(mp_wait([w.conn for w in watch] + [w.proc.sentinel for w in watch], timeout=wait_s))
       now = time.monotonic()
       for w in watch:
+        if w.job is not None and (w.conn in readable or w.proc.sentinel in readable or now >= w.deadline):
+          latency[w.job] = now - sent_at[w.job]
         if w.conn in readable or w.proc.sentinel in readable:
           try:
             status, value = w.conn.recv()
           except (EOFError, OSError):
+            w.proc.join(timeout=1)  # Reap it, so the exit code is known.
             if w.job is not None:
-              w.proc.join(timeout=1)  # Reap it, so the exit code is known.
               fail(f"job {w.job}: verifier process died (exit code {w.proc.exitcode})")
             lost_worker(w, "died")
             continue
@@ -198,7 +253,7 @@ class VerifierPool:
             timeouts += 1
           lost_worker(w, f"not ready after {START_TIMEOUT_S} s")
     info = {"verifier_timeouts": timeouts, "verifier_errors": errors,
-            "verifier_time_s": time.perf_counter() - t0, "verifier_error_examples": examples}
+            "verifier_time_s": time.perf_counter() - t0, "verifier_error_examples": examples, "verifier_latency_s": latency}
     return scores, info
 
   def close(self) -> None:
