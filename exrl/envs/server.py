@@ -1,0 +1,171 @@
+"""The environment HTTP server (AgentGym's routes, with real error codes), bound to 127.0.0.1 by default.
+
+  python -m exrl.envs.server --port 8765 [--host 127.0.0.1] [--max-sessions 1024] [--idle-timeout-s 600]
+
+Per env NAME in `exrl.envs.ENVS` (maze, wordle, textcraft):
+  POST /NAME/create                         -> {"id": int}
+  POST /NAME/reset {"id", "data_idx"}       -> {"observation": str}
+  POST /NAME/step {"id", "action"}          -> {"observation": str, "reward": float, "done": bool}
+  GET  /NAME/observation?id=N               -> {"observation": str}
+  GET  /NAME/actions?id=N                   -> {"actions": [str]}
+  POST /NAME/close {"id"}                   -> {"closed": true}
+  GET  /health                              -> {"status": "ok", "sessions": int, "envs": {NAME: {"max_turns"}}}
+Errors are JSON `{"detail": ...}` with a 4xx status: unknown env or id 404, malformed body 422, oversized
+action or body 413, step before reset 409, too many sessions 429. An illegal but well-formed action is an
+ordinary step. Sessions past `max_sessions` evict the longest-idle one only if it has been idle for
+`idle_timeout_s`; otherwise create answers 429.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+
+import tyro
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from exrl.envs import ENVS, make_env
+from exrl.envs.protocol import MAX_ACTION_CHARS
+
+MAX_BODY_BYTES = 16 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  port: int = 8765
+  host: str = "127.0.0.1"  # loopback only unless asked: the envs run no auth
+  seed: int = 0  # every env's instance seed: data_idx picks the instance
+  max_sessions: int = 1024
+  idle_timeout_s: float = 600.0
+
+
+class _Body(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class IdBody(_Body):
+  id: int
+
+
+class ResetBody(_Body):
+  id: int
+  data_idx: int = Field(ge=0)
+
+
+class StepBody(_Body):
+  id: int
+  action: str
+
+
+class ApiError(Exception):
+  def __init__(self, status: int, detail: str):
+    self.status, self.detail = status, detail
+
+
+class Sessions:
+  """id -> (env name, env, last-used time); ids are never reused."""
+
+  def __init__(self, cfg: ServerConfig, clock=time.monotonic):
+    self.cfg, self.clock = cfg, clock
+    self.items: dict[int, list] = {}
+    self.ids = itertools.count()
+
+  def create(self, name: str) -> int:
+    now = self.clock()
+    if len(self.items) >= self.cfg.max_sessions:
+      self.evict_idle(now)
+    if len(self.items) >= self.cfg.max_sessions:
+      raise ApiError(429, f"all {self.cfg.max_sessions} sessions are in use and none has been idle "
+                          f"{self.cfg.idle_timeout_s} s; close sessions you no longer need")
+    i = next(self.ids)
+    self.items[i] = [name, make_env(name, seed=self.cfg.seed), now]
+    return i
+
+  def evict_idle(self, now: float) -> None:
+    for i in [i for i, (_, _, t) in self.items.items() if now - t > self.cfg.idle_timeout_s]:
+      del self.items[i]
+
+  def get(self, name: str, i: int):
+    item = self.items.get(i)
+    if item is None or item[0] != name:
+      raise ApiError(404, f"unknown {name} session id {i} (never created, closed, or evicted after "
+                          f"{self.cfg.idle_timeout_s} s idle); create one with POST /{name}/create")
+    item[2] = self.clock()
+    return item[1]
+
+
+def create_app(cfg: ServerConfig = ServerConfig(), clock=time.monotonic) -> FastAPI:
+  app = FastAPI(title="exrl envs")
+  sessions = Sessions(cfg, clock)
+  app.state.sessions = sessions
+
+  @app.exception_handler(ApiError)
+  async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+  @app.middleware("http")
+  async def _limit_body(request: Request, call_next):
+    size = request.headers.get("content-length")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+      return JSONResponse({"detail": f"body of {size} bytes; the limit is {MAX_BODY_BYTES}"}, status_code=413)
+    return await call_next(request)
+
+  def env_name(name: str) -> str:
+    if name not in ENVS:
+      raise ApiError(404, f"unknown env {name!r}; this server has {sorted(ENVS)}")
+    return name
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "sessions": len(sessions.items),
+            "envs": {n: {"max_turns": c.max_turns} for n, c in ENVS.items()}}
+
+  @app.post("/{env}/create")
+  async def create(env: str):
+    return {"id": sessions.create(env_name(env))}
+
+  @app.post("/{env}/reset")
+  async def reset(env: str, body: ResetBody):
+    return {"observation": sessions.get(env_name(env), body.id).reset(body.data_idx)}
+
+  @app.post("/{env}/step")
+  async def step(env: str, body: StepBody):
+    e = sessions.get(env_name(env), body.id)
+    if len(body.action) > MAX_ACTION_CHARS:
+      raise ApiError(413, f"action of {len(body.action)} characters; the limit is {MAX_ACTION_CHARS}")
+    try:
+      obs, reward, done = e.step(body.action)
+    except RuntimeError as err:  # step before reset
+      raise ApiError(409, str(err)) from err
+    return {"observation": obs, "reward": float(reward), "done": bool(done)}
+
+  @app.get("/{env}/observation")
+  async def observation(env: str, id: int):
+    return {"observation": sessions.get(env_name(env), id).observation()}
+
+  @app.get("/{env}/actions")
+  async def actions(env: str, id: int):
+    e = sessions.get(env_name(env), id)
+    if not e._started:
+      raise ApiError(409, f"{env} session {id} has not been reset; its actions depend on the instance")
+    return {"actions": e.available_actions()}
+
+  @app.post("/{env}/close")
+  async def close(env: str, body: IdBody):
+    sessions.get(env_name(env), body.id)
+    del sessions.items[body.id]
+    return {"closed": True}
+
+  return app
+
+
+def main(cfg: ServerConfig) -> None:
+  import uvicorn  # only the CLI needs it; tests drive the app in-process or via this entry point
+  print(f"[exrl.envs.server] serving {sorted(ENVS)} on http://{cfg.host}:{cfg.port}", flush=True)
+  uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+  main(tyro.cli(ServerConfig))
