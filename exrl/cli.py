@@ -88,11 +88,16 @@ def _os_message(e: OSError) -> str:
   return _one_line(str(e))
 
 
+def _is_instance(e: BaseException, module: str, *names: str) -> bool:
+  """isinstance against classes of `module` only if it was imported (an exception of it implies it was)."""
+  mod = sys.modules.get(module)
+  return mod is not None and isinstance(e, tuple(getattr(mod, n) for n in names))
+
+
 def user_error_message(e: BaseException) -> str | None:
   """The one-line message for an expected user error, or None for a bug (which keeps its traceback)."""
-  from exrl.train.checkpoint import CheckpointError, CheckpointWriteError  # lazy: keeps `cli` light
-
-  if isinstance(e, (CheckpointError, CheckpointWriteError)):
+  if _is_instance(e, "exrl.train.checkpoint", "CheckpointError", "CheckpointWriteError") or _is_instance(
+      e, "exrl.tasks.pool", "WorkerStartError"):
     return _one_line(e.strerror if isinstance(e, OSError) and e.strerror else str(e))
   if isinstance(e, json.JSONDecodeError):
     where = _file_in_frames(e)
