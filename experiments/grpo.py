@@ -1,11 +1,13 @@
 """GRPO-family RL on a local HF model and a local math dataset: the entry point for real work.
 
-  python -m experiments.grpo --model /path/to/Qwen2.5-1.5B-Instruct --data train.jsonl --preset intuitor
+  python -m experiments.grpo intuitor --model /path/to/Qwen2.5-1.5B-Instruct --data train.jsonl
 
-`--reward verifier | self_certainty | mix`: math-verify on the final answer, Intuitor's self-certainty
-(no labels used), or both normalised per group and summed with `--rl.mix-weights`. `--preset intuitor`
-sets the published Intuitor hyper-parameters (RESEARCH.md §1: lr 3e-6, group 7, KL β 0.005, 128 prompts,
-temperature 0.9, prompt 512 / completion 3072 tokens); any flag given after it overrides the preset.
+The first word picks a preset (`default` when left out; `python -m experiments.grpo intuitor --help`
+shows its values); every flag after it overrides the preset. `--rl.reward verifier | self_certainty |
+mix`: math-verify on the final answer, Intuitor's self-certainty (no labels used), or both normalised per
+group and summed with `--rl.mix-weights`. The `intuitor` preset sets the published Intuitor
+hyper-parameters (RESEARCH.md §1: lr 3e-6, group 7, KL β 0.005, 128 prompts, temperature 0.9, prompt 512 /
+completion 3072 tokens).
 Checkpoints, metrics.jsonl, TensorBoard events and eval.json go to `--rl.run-dir`; the final policy is
 exported as an HF directory (`<run-dir>/hf`) that transformers or vLLM can load. Re-running the same
 command resumes from the last checkpoint. `--help` lists every option.
@@ -42,7 +44,6 @@ class Args:
   data: str = ""  # local .jsonl / .json / .parquet with question and answer fields
   question_field: str = "question"
   answer_field: str = "answer"
-  reward: Literal["verifier", "self_certainty", "mix"] = "verifier"
   max_prompt_tokens: int = 512  # longer prompts are dropped (and counted) at load
   chat_template: bool = True  # wrap questions in the tokenizer's chat template when it has one
   instruction: str = INSTRUCTION
@@ -54,29 +55,23 @@ class Args:
 
 
 PRESETS = {
-    "none": Args(),
-    "intuitor": Args(
-        reward="self_certainty", max_prompt_tokens=512, param_dtype="float32", compute_dtype="bfloat16",
+    "default": ("small defaults that run on a CPU", Args()),
+    "intuitor": ("Intuitor's published recipe (RESEARCH.md §1)", Args(
+        max_prompt_tokens=512, param_dtype="float32", compute_dtype="bfloat16",
         rl=RLConfig(run_dir="runs/intuitor", steps=58, prompts_per_step=128, group_size=7, num_microbatches=8,
                     sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9),
                     loss=LossConfig(kl_beta=0.005, clip_eps_low=0.2, clip_eps_high=0.2),
                     optim=OptimConfig(lr=3e-6, warmup_frac=0.1, min_lr_ratio=0.0),
-                    eval=EvalConfig(batch_size=64, max_new_tokens=3072, temperature=0.9),
-                    checkpoint_every=10, remat=True, reward="self_certainty")),
+                    eval=EvalConfig(batch_size=64, sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9)),
+                    checkpoint_every=10, remat=True, reward="self_certainty"))),
 }
 
 
 def parse(argv: list[str]) -> Args:
-  """`--preset NAME` picks the defaults; the remaining flags override them."""
-  preset = "none"
-  if "--preset" in argv:
-    i = argv.index("--preset")
-    if i + 1 >= len(argv) or argv[i + 1] not in PRESETS:
-      raise SystemExit(f"--preset needs one of {sorted(PRESETS)}")
-    preset = argv[i + 1]
-    argv = argv[:i] + argv[i + 2:]
-  args = tyro.cli(Args, default=PRESETS[preset], args=argv, description=__doc__)
-  return dataclasses.replace(args, rl=dataclasses.replace(args.rl, reward=args.reward))
+  """`[PRESET] [flags]`: the preset (a tyro subcommand, `default` when omitted) and flags that override it."""
+  if not argv or (argv[0] not in PRESETS and argv[0] not in ("-h", "--help")):
+    argv = ["default", *argv]
+  return tyro.extras.overridable_config_cli(PRESETS, args=argv, description=__doc__)
 
 
 def main(args: Args) -> dict:
@@ -104,7 +99,7 @@ def main(args: Args) -> dict:
     else:
       dropped += 1
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
-        f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.reward}", flush=True)
+        f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
   evals = wrap(task.problems("eval"))[:args.eval_problems]
   state, result = train_rl(args.rl, config, params, tokenizer, DatasetSource(train, seed=args.rl.seed),
                            eval_problems=evals, verify=task.verify, encode=encode)

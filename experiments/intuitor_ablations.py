@@ -34,12 +34,11 @@ import tyro
 from experiments import common, quickstart
 from exrl.curriculum.source import TaskSource
 from exrl.tasks import get_task
-from exrl.train.evaluate import EvalConfig, evaluate, wilson_interval
+from exrl.train.evaluate import evaluate, wilson_interval
 from exrl.train.metrics import read_jsonl
 from exrl.train.plot import plot_runs
 from exrl.train.rl_loop import train_rl
-from exrl.train.sft import SFTConfig, train_sft
-from exrl.train.state import OptimConfig
+from exrl.train.sft import train_sft
 
 ARMS = {  # name: (reward, annotator, kl_beta or None for the default)
     "grpo": ("verifier", "online", None),
@@ -54,13 +53,13 @@ CURVES = ["accuracy", "self_certainty_reward", "response_len", "kl", "entropy", 
 class Config:
   run_dir: str = "runs/intuitor_ablations"
   seeds: tuple[int, ...] = (0, 1, 2)
-  base: quickstart.Config = quickstart.Config(eval_problems=400, rl_steps=100)
+  base: quickstart.Config = quickstart.Config(eval_problems=400,
+                                              rl=dataclasses.replace(quickstart.Config.rl, steps=100, checkpoint_every=50))
   arms: tuple[str, ...] = tuple(ARMS)
 
 
 def _eval(model_config, params, tokenizer, task, problems, cfg: quickstart.Config, seed: int) -> dict:
-  ev = evaluate(model_config, params, tokenizer, problems, task.verify,
-                EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, seed=seed + 1))
+  ev = evaluate(model_config, params, tokenizer, problems, task.verify, dataclasses.replace(cfg.rl.eval, seed=seed + 1))
   return common.compact(ev)
 
 
@@ -73,8 +72,7 @@ def run_seed(cfg: Config, seed: int) -> dict:
   model_config, params = common.init_model(qs.model, tokenizer, seed)
   in_problems = task.generate(qs.eval_problems, seed=seed, split="eval")
   ood_problems = ood_task.generate(qs.eval_problems, seed=seed, split="eval")
-  sft = SFTConfig(run_dir=str(run_dir / "sft"), steps=qs.sft_steps, batch_size=qs.sft_batch, seed=seed,
-                  optim=OptimConfig(lr=qs.sft_lr, warmup_frac=0.05, min_lr_ratio=0.1), checkpoint_every=qs.sft_steps)
+  sft = dataclasses.replace(qs.sft, run_dir=str(run_dir / "sft"), seed=seed)
   base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(task, qs.sft_examples, seed)).params
   out = {"base": {"in": _eval(model_config, base, tokenizer, task, in_problems, qs, seed),
                   "ood": _eval(model_config, base, tokenizer, ood_task, ood_problems, qs, seed)}}

@@ -39,23 +39,23 @@ from exrl.train.state import OptimConfig
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+  """The quickstart. `--seed` seeds everything (tokenizer, model, SFT, eval problems, both RL arms), and
+  each arm runs in run_dir/ARM with its own reward, so the seeds, run dirs and reward inside `sft` and
+  `rl` are set from these and not read."""
   run_dir: str = "runs/quickstart"
   seed: int = 0
   task: str = "arithmetic"
   digits: int = 2
   model: common.TinyModel = common.TinyModel()
   sft_examples: int = 20000
-  sft_steps: int = 500
-  sft_batch: int = 64
-  sft_lr: float = 1e-3
-  rl_steps: int = 200
-  prompts_per_step: int = 16
-  group_size: int = 8
-  rl_lr: float = 1e-4
-  kl_beta: float = 0.005
-  max_new_tokens: int = 8
+  sft: SFTConfig = SFTConfig(steps=500, batch_size=64, checkpoint_every=500,
+                             optim=OptimConfig(lr=1e-3, warmup_frac=0.05, min_lr_ratio=0.1))
+  rl: RLConfig = RLConfig(
+      steps=200, prompts_per_step=16, group_size=8, checkpoint_every=100,
+      sampling=SamplingConfig(max_new_tokens=8, temperature=1.0), loss=LossConfig(kl_beta=0.005),
+      advantage=AdvantageConfig(mode="grpo"), optim=OptimConfig(lr=1e-4, warmup_frac=0.1, min_lr_ratio=0.1),
+      eval=EvalConfig(batch_size=250, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0)))
   eval_problems: int = 500
-  eval_batch: int = 250
 
 
 def task_for(cfg: Config):
@@ -65,14 +65,9 @@ def task_for(cfg: Config):
 
 
 def rl_config(cfg: Config, name: str, reward: str) -> RLConfig:
-  return RLConfig(
-      run_dir=str(Path(cfg.run_dir) / name), steps=cfg.rl_steps, prompts_per_step=cfg.prompts_per_step,
-      group_size=cfg.group_size, reward=reward, seed=cfg.seed,
-      sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0),
-      loss=LossConfig(kl_beta=cfg.kl_beta), advantage=AdvantageConfig(mode="grpo"),
-      optim=OptimConfig(lr=cfg.rl_lr, warmup_frac=0.1, min_lr_ratio=0.1),
-      eval=EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1),
-      checkpoint_every=max(cfg.rl_steps // 2, 1))
+  """The RL arm `name`: the shared `cfg.rl` with this arm's reward, run dir and the run's seed."""
+  return dataclasses.replace(cfg.rl, run_dir=str(Path(cfg.run_dir) / name), reward=reward, seed=cfg.seed,
+                             eval=dataclasses.replace(cfg.rl.eval, seed=cfg.seed + 1))
 
 
 def main(cfg: Config) -> dict:
@@ -86,12 +81,10 @@ def main(cfg: Config) -> dict:
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"[quickstart] tokenizer vocab={tokenizer.vocab_size}; model {n_params / 1e6:.2f}M params", flush=True)
   eval_problems = task.generate(cfg.eval_problems, seed=cfg.seed, split="eval")
-  eval_cfg = EvalConfig(batch_size=cfg.eval_batch, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1)
+  eval_cfg = dataclasses.replace(cfg.rl.eval, seed=cfg.seed + 1)
 
   print("[quickstart] 1/4 SFT warm-start", flush=True)
-  sft = SFTConfig(run_dir=str(run_dir / "sft"), steps=cfg.sft_steps, batch_size=cfg.sft_batch, seed=cfg.seed,
-                  optim=OptimConfig(lr=cfg.sft_lr, warmup_frac=0.05, min_lr_ratio=0.1),
-                  checkpoint_every=cfg.sft_steps)
+  sft = dataclasses.replace(cfg.sft, run_dir=str(run_dir / "sft"), seed=cfg.seed)
   base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(task, cfg.sft_examples, cfg.seed)).params
   print("[quickstart] 2/4 evaluating the SFT base", flush=True)
   results = {"base": evaluate(model_config, base, tokenizer, eval_problems, task.verify, eval_cfg)}

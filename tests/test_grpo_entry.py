@@ -13,12 +13,31 @@ from tests.test_tokenizer import CHAT_TEMPLATE, _save_hf_tokenizer
 
 
 def test_intuitor_preset_and_overrides():
-  args = grpo.parse(["--preset", "intuitor", "--model", "m", "--data", "d", "--rl.steps", "3"])
+  args = grpo.parse(["intuitor", "--model", "m", "--data", "d", "--rl.steps", "3"])
   rl = args.rl
-  assert (args.reward, rl.reward, rl.steps) == ("self_certainty", "self_certainty", 3)
+  assert (rl.reward, rl.steps) == ("self_certainty", 3)
   assert (rl.optim.lr, rl.group_size, rl.prompts_per_step, rl.loss.kl_beta) == (3e-6, 7, 128, 0.005)
   assert (rl.sampling.temperature, rl.sampling.max_new_tokens, args.max_prompt_tokens) == (0.9, 3072, 512)
-  assert grpo.parse(["--model", "m", "--data", "d", "--reward", "mix"]).rl.reward == "mix"
+  assert grpo.parse(["intuitor", "--rl.reward", "mix"]).rl.reward == "mix"  # a flag overrides the preset
+  assert grpo.parse(["--model", "m", "--data", "d", "--rl.reward", "mix"]).rl.reward == "mix"  # default preset
+  assert grpo.parse([]).rl.reward == "verifier"
+
+
+def test_every_option_appears_once_in_help():
+  """One flag surface: --help lists each option once, with its default."""
+  import contextlib
+  import io
+  import re
+
+  import pytest
+
+  for argv in (["default", "--help"], ["intuitor", "--help"]):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), pytest.raises(SystemExit):
+      grpo.parse(argv)
+    flags = re.findall(r"(--[a-z][a-z0-9.-]*)", buf.getvalue())
+    dupes = {f for f in flags if flags.count(f) > 1 and f != "--help"}
+    assert not dupes and "--rl.reward" in flags and "--reward" not in flags, dupes
 
 
 def test_grpo_on_local_hf_model_and_dataset(tmp_path):
@@ -32,9 +51,9 @@ def test_grpo_on_local_hf_model_and_dataset(tmp_path):
       f.write(json.dumps({"q": f"What is {a}+{b}?", "a": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
   run_dir = tmp_path / "run"
   args = grpo.parse(["--model", str(model_dir), "--data", str(tmp_path / "train.jsonl"), "--question-field", "q",
-                     "--answer-field", "a", "--reward", "mix", "--eval-problems", "4", "--rl.run-dir", str(run_dir),
+                     "--answer-field", "a", "--rl.reward", "mix", "--eval-problems", "4", "--rl.run-dir", str(run_dir),
                      "--rl.steps", "2", "--rl.prompts-per-step", "2", "--rl.group-size", "4",
-                     "--rl.sampling.max-new-tokens", "8", "--rl.eval.max-new-tokens", "8", "--rl.eval.batch-size", "4"])
+                     "--rl.sampling.max-new-tokens", "8", "--rl.eval.sampling.max-new-tokens", "8", "--rl.eval.batch-size", "4"])
   out = grpo.main(args)
   assert out["eval"]["n"] == 4 and 0 <= out["eval"]["pass1"] <= 1
   rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

@@ -1,4 +1,5 @@
 """A miniature quickstart in CI: the whole pipeline runs, metrics are finite, checkpoints round-trip."""
+import dataclasses
 import json
 
 import chex
@@ -16,8 +17,10 @@ def test_mini_quickstart(tmp_path, capsys):
   cfg = quickstart.Config(run_dir=str(tmp_path), model=common.TinyModel(hidden_size=32, num_layers=2, num_heads=2,
                                                                          num_kv_heads=1, head_dim=16,
                                                                          intermediate_size=64),
-                          sft_examples=256, sft_steps=6, sft_batch=16, rl_steps=3, prompts_per_step=2, group_size=4,
-                          eval_problems=16, eval_batch=16)
+                          sft_examples=256, sft=dataclasses.replace(quickstart.Config.sft, steps=6, batch_size=16),
+                          rl=dataclasses.replace(quickstart.Config.rl, steps=3, prompts_per_step=2, group_size=4,
+                                                 eval=dataclasses.replace(quickstart.Config.rl.eval, batch_size=16)),
+                          eval_problems=16)
   out = quickstart.main(cfg)
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert json.loads(last) == json.loads(json.dumps(out)) == json.loads((tmp_path / "results.json").read_text())

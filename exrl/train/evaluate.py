@@ -1,4 +1,8 @@
-"""Evaluation: pass@1 at a sampling temperature and greedy accuracy, with 95% Wilson intervals."""
+"""Evaluation: pass@1 at a sampling temperature and greedy accuracy, with 95% Wilson intervals.
+
+Responses are scored through the time-bounded verifier pool (`exrl.tasks.pool`), as in training: a
+hung or crashing verifier scores 0 and is counted in the result (`verifier_timeouts`, `verifier_errors`).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +13,8 @@ import jax
 import numpy as np
 
 from exrl.models.config import ModelConfig
-from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
+from exrl.rollout.sampler import SamplingConfig, bucket_length, pad_prompts, sample
+from exrl.tasks import pool as pool_lib
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -25,12 +30,17 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
+  """batch_size is the largest batch; fewer problems run in a batch of the next power of two that holds them."""
   batch_size: int = 128
-  max_new_tokens: int = 32
-  temperature: float = 1.0
+  sampling: SamplingConfig = SamplingConfig(max_new_tokens=32, temperature=1.0)
   samples_per_problem: int = 1  # pass@1 is averaged over these samples
-  greedy: bool = True
+  greedy: bool = True  # also report greedy accuracy
   seed: int = 1234
+
+  def __post_init__(self):
+    if self.batch_size < 1 or self.samples_per_problem < 1:
+      raise ValueError(f"EvalConfig.batch_size={self.batch_size} and samples_per_problem={self.samples_per_problem} "
+                       f"must be >= 1")
 
 
 def decode_completion(tokenizer, ids) -> str:
@@ -48,6 +58,7 @@ def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str
                    ) -> tuple[list[str], np.ndarray]:
   """Decoded completions and their lengths in tokens, batched (the last batch padded with repeats)."""
   encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
+  batch_size = min(batch_size, bucket_length(len(prompts), "pow2"))  # a few problems never fill a big batch
   texts, lengths = [], []
   for i, start in enumerate(range(0, len(prompts), batch_size)):
     chunk = list(prompts[start:start + batch_size])
@@ -63,20 +74,30 @@ def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str
   return texts, np.asarray(lengths)
 
 
-def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable, cfg: EvalConfig = EvalConfig(),
-             encode=None) -> dict:
-  """pass@1 (temperature `cfg.temperature`) and greedy accuracy over `problems`, with 95% CIs."""
-  stop = tuple(tokenizer.stop_ids)
+def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable | None, cfg: EvalConfig = EvalConfig(),
+             encode=None, *, pool: pool_lib.VerifierPool | None = None) -> dict:
+  """pass@1 (at `cfg.sampling`) and greedy accuracy over `problems`, with 95% CIs.
+
+  verify: a picklable `(text, problem) -> float`, or None for each problem's task verifier; calls run in
+  `pool` (default: the process-wide `default_pool()`).
+  """
   prompts = [p.prompt for p in problems]
-  result = {"n": len(problems)}
+  result = {"n": len(problems), "verifier_timeouts": 0, "verifier_errors": 0}
   key = jax.random.key(cfg.seed)
-  sampled = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, stop_token_ids=stop,
-                           pad_id=tokenizer.pad_id)
+  sampled = dataclasses.replace(cfg.sampling, stop_token_ids=cfg.sampling.stop_token_ids or tuple(tokenizer.stop_ids),
+                                pad_id=tokenizer.pad_id)
+
+  def score(texts):
+    s, info = pool_lib.verifier_rewards(texts, problems, verify, pool=pool)
+    result["verifier_timeouts"] += info["verifier_timeouts"]
+    result["verifier_errors"] += info["verifier_errors"]
+    return np.asarray(s, np.float64)
+
   scores, lens = [], []
   for s in range(cfg.samples_per_problem):
     texts, lengths = generate_texts(config, params, tokenizer, prompts, sampled, jax.random.fold_in(key, s),
                                     cfg.batch_size, encode)
-    scores.append([verify(t, p) for t, p in zip(texts, problems)])
+    scores.append(score(texts))
     lens.append(lengths)
   per_problem = np.mean(np.asarray(scores, np.float64), axis=0)
   n_total = len(problems) * cfg.samples_per_problem
@@ -86,7 +107,7 @@ def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable,
   if cfg.greedy:
     greedy = dataclasses.replace(sampled, greedy=True)
     texts, lengths = generate_texts(config, params, tokenizer, prompts, greedy, key, cfg.batch_size, encode)
-    g = np.asarray([verify(t, p) for t, p in zip(texts, problems)], np.float64)
+    g = score(texts)
     result.update(greedy=float(g.mean()), greedy_ci95=list(wilson_interval(float(g.sum()), len(problems))),
                   greedy_len=float(np.mean(lengths)), greedy_examples=texts[:3])
   return result

@@ -10,7 +10,7 @@ exponential moving average (TensorBoard's smoothing) on top.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import re
@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import tyro  # noqa: E402
 
 from exrl.train.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 
@@ -165,19 +166,24 @@ def plot_runs(runs: Mapping[str, str | Path], keys: Sequence[str] | None, out_pn
   return out_png
 
 
+@dataclasses.dataclass(frozen=True)
+class PlotArgs:
+  """Plot metrics.jsonl curves: one run gets a PNG per metric group, several runs one comparison figure."""
+  runs: tyro.conf.Positional[tuple[str, ...]]  # run dirs (holding metrics.jsonl) or .jsonl files
+  keys: tuple[str, ...] | None = None  # metric names (default: all)
+  smooth: float = 0.6  # EMA weight in [0, 1)
+  out: str | None = None  # output dir (default: RUN/plots for one run, ./plots for several)
+
+
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("runs", nargs="+", help="run dirs (holding metrics.jsonl) or .jsonl files")
-  parser.add_argument("--keys", nargs="*", default=None, help="metric names (default: all)")
-  parser.add_argument("--smooth", type=float, default=0.6, help="EMA weight in [0, 1)")
-  parser.add_argument("--out", default=None,
-                      help="output dir (default: RUN/plots for one run, ./plots for several)")
-  args = parser.parse_args(argv)
+  args = tyro.cli(PlotArgs, args=argv)
+  if not args.runs:
+    raise SystemExit("error: give at least one run dir (holding metrics.jsonl) or .jsonl file")
+  keys = list(args.keys) if args.keys is not None else None
   if len(args.runs) == 1:
     run = Path(args.runs[0])
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "plots"
-    written = plot_metrics(run, out, args.keys, args.smooth)
+    written = plot_metrics(run, out, keys, args.smooth)
   else:
     runs = {}
     for path in args.runs:
@@ -185,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
       label = p.name if p.is_dir() else p.parent.name
       runs[label if label not in runs else str(p)] = p
     out = Path(args.out) if args.out else Path("plots")
-    written = [plot_runs(runs, args.keys, out / "compare.png", args.smooth)]
+    written = [plot_runs(runs, keys, out / "compare.png", args.smooth)]
   print(json.dumps({"plots": [str(p) for p in written]}))
   return written
 

@@ -29,7 +29,7 @@ from exrl.models.config import ModelConfig
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig, k3_kl
 from exrl.rollout.sampler import SamplingConfig
-from exrl.tasks import get_verifier
+from exrl.tasks import pool as pool_lib
 from exrl.train import mesh as mesh_lib
 from exrl.train.collect import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
@@ -108,9 +108,11 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   """
   check_vocab(model_config, tokenizer)
   encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
-  eval_verify = verify or (lambda text, problem: get_verifier(problem.task)(text, problem))
+  pool = pool_lib.VerifierPool(timeout_s=cfg.verifier_timeout_s)  # evaluation's, and the default collector's
   own_collector = collector is None
-  collector = collector or GroupCollector(cfg, model_config, tokenizer, verify=verify, encode=encode)
+  collector = collector or GroupCollector(cfg, model_config, tokenizer, verify=verify, encode=encode, pool=pool)
+  run_eval = lambda params: evaluate(model_config, params, tokenizer, eval_problems, verify, cfg.eval, encode,
+                                     pool=pool)
   optimizer = make_optimizer(cfg.optim, cfg.steps * cfg.inner_epochs)
   ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference (KL, offline annotator)
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
@@ -137,7 +139,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         _check_skips(cfg, metrics, run, step)
         timing = {**exp.timing, "step_s": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
-          ev = evaluate(model_config, run.state.params, tokenizer, eval_problems, eval_verify, cfg.eval, encode)
+          ev = run_eval(run.state.params)
           metrics.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
           if on_eval:
             on_eval(step + 1, ev)
@@ -146,12 +148,13 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
           run.save(step + 1, {"source": source.state_dict(), "config": config_json(cfg)})
       if eval_problems:
-        final_eval = evaluate(model_config, run.state.params, tokenizer, eval_problems, eval_verify, cfg.eval, encode)
+        final_eval = run_eval(run.state.params)
         (run.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
       state = run.state
   finally:
     if own_collector:
       collector.close()
+    pool.close()
   return state, final_eval
 
 

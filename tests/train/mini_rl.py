@@ -70,7 +70,7 @@ def run(run_dir: str, steps: int = 6, lr: float = 1e-3, verify=None, reward: str
   cfg = RLConfig(run_dir=run_dir, steps=steps, prompts_per_step=4, group_size=4, reward=reward, seed=seed,
                  sampling=SamplingConfig(max_new_tokens=4), loss=LossConfig(kl_beta=0.01),
                  optim=OptimConfig(lr=lr, warmup_frac=0.0, min_lr_ratio=1.0), checkpoint_every=1,
-                 keep_checkpoints=2, eval=EvalConfig(batch_size=8, max_new_tokens=4))
+                 keep_checkpoints=2, eval=EvalConfig(batch_size=8, sampling=SamplingConfig(max_new_tokens=4)))
   cfg = dataclasses.replace(cfg, **overrides)
   evals = task.generate(eval_n, seed=0, split="eval") if eval_n else ()
   src = (TaskSource(task, seed=seed) if source == "task" else
