@@ -119,6 +119,10 @@ class ExItSource:
   # ---- feedback -----------------------------------------------------------------------------------
 
   def update(self, problems: Sequence[Problem], experience) -> None:
+    if self.cfg.p == 0.0:  # plain GRPO: nothing is ever drawn, so nothing is stored
+      if hasattr(experience, "metrics"):
+        experience.metrics.update(self.stats())
+      return
     tr = experience.traces
     prob_idx = np.asarray(tr["problem"])
     rewards = np.asarray(tr["reward"], np.float64)

@@ -109,6 +109,13 @@ def test_curriculum_only_reserves_base_tasks(pool):
   assert len(src.buffer) == 4  # drawn entries are re-scored, not duplicated
 
 
+def test_p_zero_is_plain_grpo(pool):
+  src = ExItSource(TaskSource(get_task("countdown")), ExItConfig(p=0.0, min_size=0), pool=pool)
+  probs = src.batch(0, 4)
+  src.update(probs, fake_experience(probs, random.Random(0)))
+  assert len(src.buffer) == 0 and all(p.task == "countdown" for p in src.batch(1, 4))
+
+
 def test_bad_input_is_skipped_and_counted(pool):
   task = get_task("countdown")
   src = ExItSource(TaskSource(task), ExItConfig(capacity=64, min_size=1), pool=pool, count_tokens=len)
