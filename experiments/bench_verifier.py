@@ -11,10 +11,10 @@ Measured 2026-11-23 on the shared 2-core dev box (load average 9-14 from other j
   {"n": 10000, "num_workers": 2, "timeout_s": 5.0, "latency_p50_ms": 0.65, "latency_p99_ms": 1178.88,
    "latency_max_s": 5.177, "timeouts": 35, "errors": 0, "never_ran": 0, "scores_in_0_1": true,
    "control_all_correct_after": true, ...}
-Of the 35 time-outs, the heavy 1 MB digit / sum strings and \\frac nested 200-1000 deep hit the 5 s deadline;
-a few light nested \\frac / huge-number items did too. No verifier raised or killed its worker, and every
-call's latency is bounded by the deadline plus kill-and-reap time (max 5.18 s). The per-kind breakdown is in
-runs/bench_verifier/result.json.
+Kinds whose slowest call reached the 5 s deadline: 1 MB digit and 1 MB "1+1+..." strings, \\frac nested
+200-1000 deep, huge numbers, light nested \\frac and mixes (per-kind max latency; per-kind time-out counts are not
+recorded). No verifier raised or killed its worker, and every call's latency stayed within the deadline plus
+kill-and-reap time (max 5.18 s). The per-kind breakdown is in runs/bench_verifier/result.json.
 """
 from __future__ import annotations
 
