@@ -1,7 +1,10 @@
 """Entry-point wrapper: expected user errors end as ONE line on stderr, not a traceback.
 
   if __name__ == "__main__":
-    cli.run(lambda: main(tyro.cli(Config)))   # or: cli.run(main, parse(sys.argv[1:]))
+    cli.run(lambda: main(tyro.cli(Config)))   # or: cli.run(lambda: main(parse(sys.argv[1:])))
+
+Parse argv inside the callable: `run` removes `--debug` from sys.argv first, and a parse error or a bad value
+found while parsing is then reported the same way.
 
 Caught (exit status 2): missing / unreadable / unwritable paths, disk full, bad JSON, missing config
 keys, bad UTF-8, bad values (ValueError), checkpoint errors, and orbax / tensorstore errors whose root
