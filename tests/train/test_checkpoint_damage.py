@@ -240,3 +240,42 @@ def test_disk_full_ends_with_one_line_and_last_good_checkpoint_restores(tmp_path
         lambda: {"w_N": jnp.zeros(20000, jnp.float32), "key": jax.random.key(0)}))
   assert step == last_good >= 1 and meta == {"step": last_good}
   np.testing.assert_array_equal(np.asarray(state["w_N"]), np.asarray(jax.random.normal(jax.random.key(last_good), (20000,))))
+
+
+_FILE_SIZE_LIMIT_RUN = textwrap.dedent("""
+  import resource, signal, sys
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+  import jax
+  from exrl import cli
+  from exrl.train.checkpoint import Checkpointer
+
+  def main(d):
+    with Checkpointer(d, keep=2, async_save=False) as ckpt:
+      for s in range(1, 4):
+        if s == 3:  # no file over 20 KB from here on: the next array file cannot be written
+          resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+        ckpt.save(s, {"w_N": jax.random.normal(jax.random.key(s), (20000,))}, {"step": s})
+
+  if __name__ == "__main__":
+    cli.run(main, sys.argv[1])
+""")
+
+
+def test_write_limit_without_mount_ends_with_one_line_and_step_2_restores(tmp_path):
+  """The same path as a full disk, runnable anywhere: RLIMIT_FSIZE makes writes fail with EFBIG."""
+  script = tmp_path / "run.py"
+  script.write_text(_FILE_SIZE_LIMIT_RUN)
+  env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)
+  out = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=300)
+  assert out.returncode == 2, out.stderr
+  lines = out.stderr.splitlines()
+  assert len(lines) == 1, out.stderr
+  assert lines[0].startswith(f"error: could not write checkpoint step 3 (0.1 MiB of arrays) to {tmp_path / 'ckpt'}: "
+                             "file size limit (") and "the last committed step 2 is intact" in lines[0]
+  with Checkpointer(tmp_path / "ckpt", keep=2) as ckpt:
+    step, state, meta = ckpt.restore_latest(jax.eval_shape(
+        lambda: {"w_N": jnp.zeros(20000, jnp.float32)}))
+  assert step == 2 and meta == {"step": 2}
+  np.testing.assert_array_equal(np.asarray(state["w_N"]), np.asarray(jax.random.normal(jax.random.key(2), (20000,))))
