@@ -202,6 +202,16 @@ def main_only(fn: Callable[..., Any]) -> Callable[..., Any]:
   return wrapped
 
 
+class NullWriter:
+  """What processes other than 0 get instead of a MetricsWriter: every call is a no-op."""
+
+  def write(self, *args, **kwargs) -> None:
+    del args, kwargs
+
+  def close(self) -> None:
+    pass
+
+
 class MainProcessWriter:
   """A metrics writer that writes on process 0 and is silent elsewhere (same interface as MetricsWriter)."""
 

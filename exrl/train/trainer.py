@@ -20,6 +20,7 @@ from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.train import mesh as mesh_lib
 from exrl.train.checkpoint import Checkpointer
+from exrl.train.distributed import NullWriter
 from exrl.train.metrics import MetricsWriter, ProgressBar
 from exrl.train.state import TrainState, init_state
 from exrl.train.step import make_train_step
@@ -87,8 +88,10 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
     if start:
       state, meta = ckpt.restore(start, abstract_state=state)
       print(f"[{desc}] resumed from {run_dir / 'ckpt'} at step {start}", flush=True)
-    writer = MetricsWriter(run_dir, resume_step=start if start else None)
-    (run_dir / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
+    # Multi-host: process 0 alone writes metrics and config.json (every process runs this same loop).
+    writer = MetricsWriter(run_dir, resume_step=start if start else None) if jax.process_index() == 0 else NullWriter()
+    if jax.process_index() == 0:
+      (run_dir / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
     bar = ProgressBar(total_steps, dict(bar_fields), initial=start, desc=desc)
     yield Run(run_dir, mesh, state, state_sh, step_fn, ckpt, writer, bar, start, meta or {})
   finally:
