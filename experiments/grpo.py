@@ -28,7 +28,9 @@ from exrl.curriculum.source import DatasetSource
 from exrl.models import hf
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
+from exrl import cli
 from exrl.tasks import MathDatasetTask
+from exrl.tasks.math_data import drop_long_prompts
 from exrl.tokenizer import load_tokenizer
 from exrl.train.checkpoint import export_hf
 from exrl.train.evaluate import EvalConfig
@@ -53,6 +55,12 @@ class Args:
   export: bool = True
   rl: RLConfig = RLConfig(run_dir="runs/grpo")
 
+  def __post_init__(self):
+    if self.eval_problems < 0:
+      raise ValueError(f"--eval-problems={self.eval_problems} must be >= 0")
+    if self.max_prompt_tokens < 1:
+      raise ValueError(f"--max-prompt-tokens={self.max_prompt_tokens} must be >= 1")
+
 
 PRESETS = {
     "default": ("small defaults that run on a CPU", Args()),
@@ -75,9 +83,10 @@ def parse(argv: list[str]) -> Args:
 
 
 def main(args: Args) -> dict:
+  """Check the flags, the tokenizer and the dataset first (seconds), then load the model (minutes)."""
   if not args.model or not args.data:
-    raise SystemExit("--model (a local HF directory) and --data (a local dataset file) are required")
-  config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
+    raise ValueError("--model (a local HF directory) and --data (a local dataset file) are required")
+  hf_config = hf.config_from_hf(hf.read_config_json(Path(args.model) / "config.json"))
   tokenizer = load_tokenizer(args.model)
   use_chat = args.chat_template and getattr(tokenizer, "has_chat_template", False)
 
@@ -92,12 +101,13 @@ def main(args: Args) -> dict:
 
   task = MathDatasetTask(args.data, args.question_field, args.answer_field)
   wrap = lambda ps: [dataclasses.replace(p, prompt=to_text(p.prompt)) for p in ps]
-  train, dropped = [], 0
-  for p in wrap(task.problems("train")):
-    if len(encode(p.prompt)) <= args.max_prompt_tokens:
-      train.append(p)
-    else:
-      dropped += 1
+  train, dropped = drop_long_prompts(wrap(task.problems("train")), lambda t: len(encode(t)), args.max_prompt_tokens,
+                                     args.data)
+  longest = args.max_prompt_tokens + max(args.rl.sampling.max_new_tokens, args.rl.eval.sampling.max_new_tokens)
+  if longest > hf_config.max_position_embeddings:
+    raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + max new tokens = {longest} exceeds the model's "
+                     f"max_position_embeddings={hf_config.max_position_embeddings}; lower one of them")
+  config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
   evals = wrap(task.problems("eval"))[:args.eval_problems]
@@ -117,8 +127,12 @@ def main(args: Args) -> dict:
   return out
 
 
-if __name__ == "__main__":
+def _entry() -> dict:
   if os.environ.get("EXRL_DISTRIBUTED"):  # set by tpu_scripts/launch.sh on every worker
     from exrl.train.mesh import initialize_distributed
     initialize_distributed()
-  main(parse(sys.argv[1:]))
+  return main(parse(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+  cli.run(_entry)

@@ -25,6 +25,7 @@ import jax
 import tyro
 
 from experiments import common
+from exrl import cli
 from exrl.curriculum.source import TaskSource
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
@@ -107,4 +108,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  cli.run(lambda: main(tyro.cli(Config)))

@@ -28,7 +28,8 @@ _CDF_CHUNK = 128  # vocab chunk for the two-level inverse-CDF draw (a cumsum ove
 class SamplingConfig:
   """How to pick tokens. Hashable: it is a static argument of the jitted sampler.
 
-  temperature scales logits for sampling only; log-probs are always at temperature 1.
+  temperature scales the logits: tokens are drawn from, and log-probs, entropy and self-certainty are
+  reported for, softmax(logits / temperature), as TRL and verl compute the PPO ratio (greedy: T = 1).
   top_k=0 means no top-k cut; top_p=1 means no nucleus cut. Generation of a row stops after
   the first token in `stop_token_ids`. pad_id fills completion slots after a stop
   (None: the model's pad_token_id, else 0).
@@ -59,9 +60,11 @@ class SampleOutput(NamedTuple):
 
   tokens_BxN: int32 completion tokens, pad_id after a stop. mask_BxN: True for generated tokens
   up to and including the stop token. logp_BxN: float32 log-prob of each sampled token under the
-  temperature-1 full-vocab distribution (RL's old log-probs), 0 where masked. lengths_B: int32
-  number of generated tokens. seq_*_BxS: prompt + completion (S = P + N) with its valid mask and
-  positions, ready for `decoder.hidden_states` to re-score; seq token s+1 is predicted at s.
+  full-vocab distribution at the sampling temperature (before top-k / top-p; RL's old log-probs), 0
+  where masked. lengths_B: int32 number of generated tokens. seq_*_BxS: prompt + completion
+  (S = P + N) with its valid mask and positions, ready for `decoder.hidden_states` to re-score; seq
+  token s+1 is predicted at s. self_certainty_BxN and entropy_BxN: float32 KL(U ‖ p) and H(p) in nats
+  of the distribution each token was drawn from (same temperature), 0 where masked.
   """
   tokens_BxN: jax.Array
   mask_BxN: jax.Array
@@ -70,6 +73,8 @@ class SampleOutput(NamedTuple):
   seq_tokens_BxS: jax.Array
   seq_valid_BxS: jax.Array
   seq_positions_BxS: jax.Array
+  self_certainty_BxN: jax.Array
+  entropy_BxN: jax.Array
 
 
 # ----------------------------------------------------------------------------- host helpers
@@ -153,29 +158,42 @@ def _nucleus(logits_BxK: jax.Array, top_p: float) -> jax.Array:
 
 def choose_tokens(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
                   ) -> tuple[jax.Array, jax.Array]:
-  """Pick one token per row; returns (int32 tokens_B, float32 temperature-1 log-probs_B)."""
+  """Pick one token per row; returns (int32 tokens_B, float32 log-probs_B at the sampling temperature)."""
+  tok_B, logp_B, _, _ = choose_tokens_with_stats(logits_BxV, key, sampling)
+  return tok_B, logp_B
+
+
+def choose_tokens_with_stats(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig):
+  """Pick one token per row; returns (tokens_B, logp_B, self_certainty_B, entropy_B).
+
+  The statistics are of softmax(logits / T) over the full vocabulary (T = 1 when greedy); one pass of
+  exp over the vocabulary serves the draw and all three.
+  """
   logits_BxV = logits_BxV.astype(jnp.float32)
   B, V = logits_BxV.shape
-  max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
-  exp_BxV = jnp.exp(logits_BxV - max_Bx1)  # reused as the sampling probs at temperature 1
-  lse_B = max_Bx1[:, 0] + jnp.log(jnp.sum(exp_BxV, axis=-1))
+  t = 1.0 if sampling.greedy else sampling.temperature
+  z_BxV = logits_BxV if t == 1.0 else logits_BxV / t
+  max_Bx1 = jnp.max(z_BxV, axis=-1, keepdims=True)
+  exp_BxV = jnp.exp(z_BxV - max_Bx1)  # also the unnormalised sampling probs
+  sum_B = jnp.sum(exp_BxV, axis=-1)
+  lse_B = max_Bx1[:, 0] + jnp.log(sum_B)
+  sc_B = lse_B - jnp.mean(z_BxV, axis=-1) - jnp.log(jnp.float32(V))
+  entropy_B = lse_B - jnp.sum(exp_BxV * z_BxV, axis=-1) / sum_B
   if sampling.greedy:
     tok_B = _argmax(logits_BxV)
   else:
     u_B = jax.random.uniform(key, (B,), jnp.float32)
-    t = sampling.temperature
     if sampling.top_k or sampling.top_p < 1:
       # Sorted candidates: the top-k, or the whole vocab only when nucleus needs it.
-      vals_BxK, idx_BxK = jax.lax.top_k(logits_BxV / t, min(sampling.top_k or V, V))
+      vals_BxK, idx_BxK = jax.lax.top_k(z_BxV, min(sampling.top_k or V, V))
       if sampling.top_p < 1:
         vals_BxK = _nucleus(vals_BxK, sampling.top_p)
       j_B = _draw(jnp.exp(vals_BxK - vals_BxK[:, :1]), u_B)  # column 0 is the max
       tok_B = jnp.take_along_axis(idx_BxK, j_B[:, None], 1)[:, 0].astype(jnp.int32)
     else:
-      probs_BxV = exp_BxV if t == 1.0 else jnp.exp((logits_BxV - max_Bx1) / t)
-      tok_B = _inverse_cdf(probs_BxV, u_B)
-  logp_B = jnp.take_along_axis(logits_BxV, tok_B[:, None], 1)[:, 0] - lse_B
-  return tok_B, logp_B
+      tok_B = _inverse_cdf(exp_BxV, u_B)
+  logp_B = jnp.take_along_axis(z_BxV, tok_B[:, None], 1)[:, 0] - lse_B
+  return tok_B, logp_B, sc_B, entropy_B
 
 
 # ----------------------------------------------------------------------------- the sampler
@@ -206,45 +224,46 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   project = lambda h_BxD: jnp.einsum("bd,dv->bv", h_BxD, w_DxV, preferred_element_type=jnp.float32)
   logits_BxV = project(h_BxPxD[:, -1])
 
-  def emit(t, tok_B, logp_B, done_B, tokens_BxN, mask_BxN, logp_BxN):
-    """Write step t's choice (pad / 0 for finished rows) and update the done flags."""
-    tok_B = jnp.where(done_B, pad, tok_B)
-    logp_B = jnp.where(done_B, 0.0, logp_B)
-    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, tok_B[:, None], (0, t))
-    mask_BxN = jax.lax.dynamic_update_slice(mask_BxN, ~done_B[:, None], (0, t))
-    logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, logp_B[:, None], (0, t))
-    new_done_B = done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
-    return tok_B, done_B, new_done_B, tokens_BxN, mask_BxN, logp_BxN
+  def emit(t, choice, done_B, out):
+    """Write step t's choice (pad / 0 for finished rows) into `out` and update the done flags.
 
-  tok_B, logp_B = choose_tokens(logits_BxV, jax.random.fold_in(key, 0), sampling)
+    choice: (tok_B, logp_B, sc_B, entropy_B); out: (tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN).
+    """
+    tok_B = jnp.where(done_B, pad, choice[0])
+    stats = [jnp.where(done_B, 0.0, x_B) for x_B in choice[1:]]
+    write = lambda x_BxN, x_B: jax.lax.dynamic_update_slice(x_BxN, x_B[:, None].astype(x_BxN.dtype), (0, t))
+    out = tuple(write(x_BxN, x_B) for x_BxN, x_B in zip(out, [tok_B, ~done_B, *stats]))
+    new_done_B = done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    return tok_B, new_done_B, out
+
   zeros = lambda dt: jnp.zeros((B, N), dt)
-  tok_B, _, done_B, tokens_BxN, mask_BxN, logp_BxN = emit(
-      0, tok_B, logp_B, jnp.zeros((B,), bool), zeros(jnp.int32), zeros(bool), zeros(jnp.float32))
+  out = (zeros(jnp.int32), zeros(bool), zeros(jnp.float32), zeros(jnp.float32), zeros(jnp.float32))
+  choice = choose_tokens_with_stats(logits_BxV, jax.random.fold_in(key, 0), sampling)
+  tok_B, done_B, out = emit(0, choice, jnp.zeros((B,), bool), out)
 
   def cond(carry):
     t, _, done_B, *_ = carry
     return (t < N) & ~jnp.all(done_B)
 
   def body(carry):
-    t, prev_tok_B, done_B, cache, tokens_BxN, mask_BxN, logp_BxN = carry
+    t, prev_tok_B, done_B, cache, out = carry
     # Token t-1 goes in at slot P+t-1 and position len+t-1; it predicts token t.
     h_Bx1xD, cache = decoder.decode_step(config, params, prev_tok_B[:, None], (prompt_len_B + t - 1)[:, None],
                                          jnp.ones((B, 1), bool), cache, P + t - 1)
-    logits_BxV = project(h_Bx1xD[:, 0])
-    tok_B, logp_B = choose_tokens(logits_BxV, jax.random.fold_in(key, t), sampling)
-    tok_B, _, done_B, tokens_BxN, mask_BxN, logp_BxN = emit(t, tok_B, logp_B, done_B, tokens_BxN, mask_BxN,
-                                                            logp_BxN)
-    return t + 1, tok_B, done_B, cache, tokens_BxN, mask_BxN, logp_BxN
+    choice = choose_tokens_with_stats(project(h_Bx1xD[:, 0]), jax.random.fold_in(key, t), sampling)
+    tok_B, done_B, out = emit(t, choice, done_B, out)
+    return t + 1, tok_B, done_B, cache, out
 
-  carry = (jnp.int32(1), tok_B, done_B, cache, tokens_BxN, mask_BxN, logp_BxN)
-  _, _, _, _, tokens_BxN, mask_BxN, logp_BxN = jax.lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(1), tok_B, done_B, cache, out)
+  *_, (tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN) = jax.lax.while_loop(cond, body, carry)
 
   seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
   return SampleOutput(
       tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
       lengths_B=jnp.sum(mask_BxN, axis=1, dtype=jnp.int32),
       seq_tokens_BxS=jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
-      seq_valid_BxS=seq_valid_BxS, seq_positions_BxS=decoder.default_positions(seq_valid_BxS))
+      seq_valid_BxS=seq_valid_BxS, seq_positions_BxS=decoder.default_positions(seq_valid_BxS),
+      self_certainty_BxN=sc_BxN, entropy_BxN=entropy_BxN)
 
 
 _generate_jit = jax.jit(generate, static_argnames=("config", "sampling"))

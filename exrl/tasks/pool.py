@@ -64,7 +64,11 @@ class WorkerStartError(RuntimeError):
 
 
 def _worker_main(conn) -> None:
-  """Worker loop: say ready, then receive (fn, args) and reply ("ok", float) or ("err", message); None or EOF ends it."""
+  """Worker loop: say ready, then receive (fn, args), say started, and reply ("ok", float) or ("err", message).
+
+  None or EOF ends it. "started" comes once the job is unpickled (fn's module imported), so an import that is
+  slow on a loaded machine never counts against the call's own deadline.
+  """
   # math-verify logs each of its own timeouts with the whole input (up to megabytes); the pool counts what matters
   logging.getLogger("math_verify").setLevel(logging.ERROR)
   conn.send(("ready", None))
@@ -79,6 +83,7 @@ def _worker_main(conn) -> None:
     if msg is None:
       return
     fn, args = msg
+    conn.send(("started", None))  # unpickled, so fn's module is imported: its deadline starts now
     try:
       conn.send(("ok", float(fn(*args))))
     except BaseException as e:  # Verifier bugs of any kind are scored 0, not propagated.
@@ -117,7 +122,8 @@ class _Worker:
 class VerifierPool:
   """Persistent worker processes that run verifier calls, each under `timeout_s` seconds of wall-clock time.
 
-  A call's deadline starts when a ready worker receives it (worker start-up is not charged to it), so a batch of B
+  A call's deadline starts when a ready worker has received and unpickled it (worker start-up and importing the
+  verifier's module are not charged to it), so a batch of B
   calls takes about ceil(B / num_workers) * timeout_s at worst. `fn` and its arguments must be picklable, and `fn`
   importable by name in a fresh process (a module-level function of an importable module, not one defined in
   `__main__` or a lambda; those score 0 and count as errors). `map` is serialised by a lock, so threads may share a pool. The default "forkserver" start method forks workers from a clean server
@@ -221,7 +227,8 @@ class VerifierPool:
           fail(f"job {i}: could not pickle: {type(e).__name__}: {e}")
           continue
         sent_at[i] = time.monotonic()
-        w.job, w.deadline = i, sent_at[i] + self.timeout_s
+        # Unpickling imports fn's module (seconds on a loaded machine): not charged to the call's deadline.
+        w.job, w.deadline = i, sent_at[i] + START_TIMEOUT_S
       watch = [w for w in self._workers if w.job is not None or not w.ready]
       if not watch:
         continue
@@ -242,6 +249,9 @@ class VerifierPool:
             continue
           if status == "ready":
             w.ready = True
+            continue
+          if status == "started":
+            w.deadline = now + self.timeout_s
             continue
           i, w.job = w.job, None
           if status == "ok" and math.isfinite(value):

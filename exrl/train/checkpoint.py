@@ -342,7 +342,7 @@ class Checkpointer:
     if not restart:
       raise CheckpointError(
           f"no checkpoint in {self.directory} restores ({listing}). Nothing was changed. "
-          f"Pass restart=True (the --restart flag) to move them to {self.quarantine_dir} and start from step 0")
+          f"Pass restart=True (the --rl.restart or --sft.restart flag) to move them to {self.quarantine_dir} and start from step 0")
     for bad, slug, _ in failures:
       moved = self._quarantine(bad, slug)
       self._log(f"[checkpoint] restart requested: moved unrestorable step {bad} to {moved}")

@@ -16,10 +16,14 @@ import numpy as np
 
 from exrl.models.config import ModelConfig
 from exrl.rl.advantages import compute_advantages
-from exrl.rollout.sampler import pad_prompts, sample
+from exrl.rl.losses import k3_kl
+from exrl.rollout.sampler import bucket_length, pad_prompts, sample
 from exrl.tasks import pool as pool_lib
 from exrl.train.evaluate import decode_completion
 from exrl.train.experience import Experience, score
+
+
+TRIM_BUCKET = 16  # completions are trimmed to the longest sampled one, rounded up to this: few compiled widths
 
 
 def group_correlation(x_B, y_B, group_size: int) -> float:
@@ -39,8 +43,9 @@ def group_correlation(x_B, y_B, group_size: int) -> float:
 class GroupCollector:
   """`collect(params, ref_params, problems, key) -> Experience` for one prompt + one completion per row.
 
-  cfg: an `RLConfig` (group_size, reward, mix_weights, sc_annotator, sampling, advantage,
-    verifier_timeout_s are read). verify: picklable `(text, problem) -> float`; None looks the verifier up
+  cfg: an `RLConfig` (group_size, reward, mix_weights, sc_annotator, sampling, advantage, loss, inner_epochs,
+    kl_monitor, verifier_timeout_s are read). With one inner epoch the policy is not re-scored: old
+    log-probs and self-certainty come from the sampler, at the sampling temperature. verify: picklable `(text, problem) -> float`; None looks the verifier up
     by `problem.task`. encode: prompt text -> ids (default: tokenizer with bos).
   """
 
@@ -55,43 +60,65 @@ class GroupCollector:
 
   def collect(self, params, ref_params, problems: Sequence, key: jax.Array) -> Experience:
     cfg, G = self.cfg, self.cfg.group_size
-    t0 = time.time()
+    T = 1.0 if self.sampling.greedy else self.sampling.temperature
+    t0 = time.perf_counter()
     rollout_problems = [p for p in problems for _ in range(G)]
     tokens, valid = pad_prompts([self.encode(p.prompt) for p in rollout_problems], self.tokenizer.pad_id)
     out = sample(self.model_config, params, tokens, valid, key, self.sampling)
-    response = jnp.concatenate([jnp.zeros_like(valid), out.mask_BxN], axis=1)
-    # The reference is always scored: its log-probs give the k3 KL (loss and monitoring) and the
-    # offline annotator's self-certainty.
-    scored = score(self.model_config, params, ref_params, out.seq_tokens_BxS, out.seq_valid_BxS,
-                   out.seq_positions_BxS, response, with_ref=True)
-    sc_B = scored["ref_sc_B"] if cfg.sc_annotator == "offline" else scored["sc_B"]
-    t_sample = time.time()
-    comp_tokens, comp_mask, sc_host, lengths = jax.device_get((out.tokens_BxN, out.mask_BxN, sc_B, out.lengths_B))
-    texts = [decode_completion(self.tokenizer, t[m].tolist()) for t, m in zip(comp_tokens, comp_mask)]
+    lengths = np.asarray(jax.device_get(out.lengths_B))  # waits for the sampler: sample_s is real
+    t_sample = time.perf_counter()
+    # Trim to the longest completion, bucketed, so the update never pays for unused max_new_tokens.
+    P, N = tokens.shape[1], self.sampling.max_new_tokens
+    n = min(N, bucket_length(max(int(lengths.max()), 1), TRIM_BUCKET))
+    seq = {"tokens": out.seq_tokens_BxS[:, :P + n], "valid": out.seq_valid_BxS[:, :P + n],
+           "positions": out.seq_positions_BxS[:, :P + n]}
+    response = jnp.concatenate([jnp.zeros_like(valid), out.mask_BxN[:, :n]], axis=1)
+    # One policy pass only when the old log-probs must outlive an update (several inner epochs); else the
+    # sampler's statistics serve. The reference runs when the loss, the annotator or monitoring needs it.
+    with_policy = cfg.inner_epochs > 1
+    with_ref = ((cfg.loss.kl_beta > 0 and cfg.loss.kl_estimator == "k3") or cfg.sc_annotator == "offline"
+                or cfg.kl_monitor)
+    scored = {}
+    if with_policy or with_ref:
+      scored = score(self.model_config, params, ref_params, seq["tokens"], seq["valid"], seq["positions"], response,
+                     with_ref=with_ref, with_policy=with_policy, temperature=T)
+    host = jax.device_get({**seq, **scored, "response": response, "tokens_BxN": out.tokens_BxN[:, :n],
+                           "mask_BxN": out.mask_BxN[:, :n], "logp_BxN": out.logp_BxN[:, :n],
+                           "sc_BxN": out.self_certainty_BxN[:, :n], "entropy_BxN": out.entropy_BxN[:, :n]})
+    t_score = time.perf_counter()
+    mask_BxN = host["mask_BxN"]
+    count_B = np.maximum(mask_BxN.sum(1), 1)
+    sampler_sc_B = (host["sc_BxN"] * mask_BxN).sum(1) / count_B
+    sc_B = host["ref_sc_B"] if cfg.sc_annotator == "offline" else host.get("sc_B", sampler_sc_B)
+    texts = [decode_completion(self.tokenizer, t[m].tolist()) for t, m in zip(host["tokens_BxN"], mask_BxN)]
     correct, vinfo = pool_lib.verifier_rewards(texts, rollout_problems, self.verify, pool=self.pool)
-    reward_cols = {"verifier": [correct], "self_certainty": [sc_host], "mix": [correct, sc_host]}[cfg.reward]
+    t_reward = time.perf_counter()
+    reward_cols = {"verifier": [correct], "self_certainty": [sc_B], "mix": [correct, sc_B]}[cfg.reward]
     rewards_BxR = np.stack(reward_cols, axis=1).astype(np.float32)
     weights = np.asarray(cfg.mix_weights, np.float32) if cfg.reward == "mix" else None
     adv_B, keep_B = jax.device_get(compute_advantages(rewards_BxR, cfg.advantage, G, weights))
-    host = jax.device_get({"tokens": out.seq_tokens_BxS, "valid": out.seq_valid_BxS,
-                           "positions": out.seq_positions_BxS, "old_logp": scored["logp"],
-                           "ref_logp": scored["ref_logp"], "response": response})
     B = len(rollout_problems)
-    rows = {k: host[k] for k in ("tokens", "valid", "positions", "old_logp", "ref_logp")}
-    rows.update(loss_mask=np.asarray(host["response"], np.float32) * np.asarray(keep_B, np.float32)[:, None],
-                adv=np.asarray(adv_B, np.float32), trace_id=np.arange(B, dtype=np.int32),
-                group_id=(np.arange(B) // G).astype(np.int32))
+    resp = np.asarray(host["response"], np.float32)
+    old_logp = host["logp"] if with_policy else np.pad(host["logp_BxN"], ((0, 0), (P, 0)))
+    rows = {"tokens": host["tokens"], "valid": host["valid"], "positions": host["positions"],
+            "loss_mask": resp * np.asarray(keep_B, np.float32)[:, None], "old_logp": old_logp,
+            "ref_logp": host["ref_logp"] if with_ref else old_logp, "adv": np.asarray(adv_B, np.float32),
+            "trace_id": np.arange(B, dtype=np.int32), "group_id": (np.arange(B) // G).astype(np.int32)}
     total_B = rewards_BxR @ (weights if weights is not None else np.ones(1, np.float32))
-    traces = {"problem": np.arange(B) // G, "text": texts, "reward": total_B, "length": np.asarray(lengths),
-              "correct": np.asarray(correct), "self_certainty": np.asarray(sc_host)}
+    traces = {"problem": np.arange(B) // G, "text": texts, "reward": total_B, "length": lengths,
+              "correct": np.asarray(correct), "self_certainty": np.asarray(sc_B)}
     metrics = {
         "reward_mean": float(np.mean(total_B)), "reward_std": float(np.std(total_B)),
-        "accuracy": float(np.mean(correct)), "self_certainty_reward": float(np.mean(sc_host)),
-        "response_len": float(np.mean(lengths)), "sc_acc_corr": group_correlation(sc_host, correct, G),
+        "accuracy": float(np.mean(correct)), "self_certainty_reward": float(np.mean(sc_B)),
+        "response_len": float(np.mean(lengths)), "sc_acc_corr": group_correlation(sc_B, correct, G),
         "zero_var_frac": float(1 - np.mean(keep_B)), "verifier_timeouts": vinfo["verifier_timeouts"],
         "verifier_errors": vinfo["verifier_errors"],
+        "sample_entropy": float((host["entropy_BxN"] * mask_BxN).sum() / max(mask_BxN.sum(), 1)),
     }
-    timing = {"sample_s": t_sample - t0, "tokens_per_s": float(np.sum(lengths)) / max(t_sample - t0, 1e-9)}
+    if with_ref:  # k3 KL(policy ‖ ref) on response tokens, from the rollout's own log-probs
+      metrics["kl"] = float((np.asarray(k3_kl(old_logp, rows["ref_logp"])) * resp).sum() / max(resp.sum(), 1))
+    timing = {"sample_s": t_sample - t0, "score_s": t_score - t_sample, "reward_s": t_reward - t_score,
+              "tokens_per_s": float(np.sum(lengths)) / max(t_sample - t0, 1e-9), "width": P + n}
     return Experience(rows=rows, traces=traces, metrics=metrics, timing=timing)
 
   def close(self) -> None:

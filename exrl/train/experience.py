@@ -71,24 +71,27 @@ class Collector(Protocol):
   def close(self) -> None: ...
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_ref", "implementation"))
+@functools.partial(jax.jit, static_argnames=("config", "with_policy", "with_ref", "implementation", "temperature"))
 def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, *,
-          with_ref: bool, implementation: str = "auto") -> dict:
-  """Re-score rollouts (no gradient) at temperature 1.
+          with_ref: bool, with_policy: bool = True, implementation: str = "auto", temperature: float = 1.0) -> dict:
+  """Re-score rollouts (no gradient) at `temperature` (the sampling one, as the loss does).
 
   Returns token-aligned float32[B, S] `logp` (policy), `self_certainty`, `entropy`, and per-row `sc_B` =
   masked token-mean self-certainty over response tokens (Intuitor). With `with_ref`, also `ref_logp` and
-  `ref_sc_B` (the frozen reference as an offline self-certainty annotator).
+  `ref_sc_B` (the frozen reference as an offline self-certainty annotator). `with_policy=False` scores
+  the reference only (the policy's numbers came from the sampler).
   """
   mb = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS}
-  stats = shifted_stats(config, params, mb, implementation=implementation)
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
   resp = response_BxS.astype(jnp.float32)
-  out = {"logp": pad(stats.logp) * resp, "self_certainty": pad(stats.self_certainty),
-         "entropy": pad(stats.entropy)}
-  out["sc_B"] = self_certainty_reward(out["self_certainty"], resp)
+  out = {}
+  if with_policy:
+    stats = shifted_stats(config, params, mb, implementation=implementation, temperature=temperature)
+    out = {"logp": pad(stats.logp) * resp, "self_certainty": pad(stats.self_certainty),
+           "entropy": pad(stats.entropy)}
+    out["sc_B"] = self_certainty_reward(out["self_certainty"], resp)
   if with_ref:
-    ref = shifted_stats(config, ref_params, mb, implementation=implementation)
+    ref = shifted_stats(config, ref_params, mb, implementation=implementation, temperature=temperature)
     out["ref_logp"] = pad(ref.logp) * resp
     out["ref_sc_B"] = self_certainty_reward(pad(ref.self_certainty), resp)
   return jax.lax.stop_gradient(out)

@@ -18,18 +18,26 @@ from exrl.rl.losses import LossConfig, policy_loss
 
 
 def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, remat: bool = False,
-                  implementation: str = "auto"):
-  """Token stats for tokens[:, 1:] from one forward pass; fields are float32[Bm, T-1]."""
+                  implementation: str = "auto", temperature: float = 1.0, fp32_head: bool = False):
+  """Token stats for tokens[:, 1:] from one forward pass; fields are float32[Bm, T-1].
+
+  temperature: the stats are of softmax(logits / temperature), computed as h @ (W / temperature) so the
+  fused kernel never sees the logits; the reference (exact KL) is scaled the same way.
+  """
   B, T = mb["tokens"].shape
   hidden = decoder.hidden_states(config, params, mb["tokens"], mb["valid"], mb["positions"], remat=remat)
   h_NxD = hidden[:, :-1].reshape(B * (T - 1), -1)
+  # fp32_head (ScaleRL): the LM head in fp32 even when the model runs in bf16
+  head_dtype = jnp.float32 if fp32_head else config.dtype
+  h_NxD = h_NxD.astype(head_dtype) if fp32_head else h_NxD
   targets_N = mb["tokens"][:, 1:].reshape(-1)
-  w_DxV = decoder.unembed_matrix(config, params).astype(config.dtype)
+  scale = lambda w: w if temperature == 1.0 else w / temperature
+  w_DxV = scale(decoder.unembed_matrix(config, params).astype(head_dtype))
   ref = {}
   if ref_params is not None:
     ref_hidden = decoder.hidden_states(config, ref_params, mb["tokens"], mb["valid"], mb["positions"])
-    ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1))
-    ref["ref_w_DxV"] = jax.lax.stop_gradient(decoder.unembed_matrix(config, ref_params).astype(config.dtype))
+    ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1).astype(h_NxD.dtype))
+    ref["ref_w_DxV"] = jax.lax.stop_gradient(scale(decoder.unembed_matrix(config, ref_params).astype(head_dtype)))
   stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
   return jax.tree.map(lambda x: None if x is None else x.reshape(B, T - 1), stats)
 
@@ -45,20 +53,29 @@ def _count_weight(mask_BxT, ids_B, aggregation: str):
   return jnp.sum(present > 0).astype(jnp.float32)
 
 
-def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False, implementation: str = "auto"):
-  """(params, ref_params, mb) -> (loss, weight, metrics) for the GRPO-family policy loss."""
+def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False, implementation: str = "auto",
+               temperature: float = 1.0, on_policy: bool = False, fp32_head: bool = False):
+  """(params, ref_params, mb) -> (loss, weight, metrics) for the GRPO-family policy loss.
+
+  temperature: log-probs (and the PPO ratio, the KL and the entropy) are of softmax(logits / T), the
+    distribution the rollout was sampled from, as in TRL and verl.
+  on_policy: the batch was sampled by exactly these params and is trained on once (one inner epoch), so
+    the old log-probs are this forward's own, detached: ρ ≡ 1, and no separate re-scoring pass is needed.
+    The loss and gradient equal those with old log-probs from a re-scoring forward at the same params.
+  """
   exact_kl = loss_cfg.kl_beta > 0 and loss_cfg.kl_estimator == "exact"
 
   def fn(params, ref_params, mb):
     stats = shifted_stats(config, params, mb, ref_params=ref_params if exact_kl else None, remat=remat,
-                          implementation=implementation)
+                          implementation=implementation, fp32_head=fp32_head, temperature=temperature)
     mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
     kw = dict(trace_id_B=mb["trace_id"], group_id_B=mb["group_id"])
     if loss_cfg.kl_beta > 0:
       kw.update(exact_kl_BxT=stats.kl) if exact_kl else kw.update(ref_logp_BxT=mb["ref_logp"][:, 1:])
     if loss_cfg.entropy_coef > 0:
       kw["entropy_BxT"] = stats.entropy
-    loss, metrics = policy_loss(stats.logp, mb["old_logp"][:, 1:], mb["adv"], mask, loss_cfg, **kw)
+    old_logp = jax.lax.stop_gradient(stats.logp) if on_policy else mb["old_logp"][:, 1:]
+    loss, metrics = policy_loss(stats.logp, old_logp, mb["adv"], mask, loss_cfg, **kw)
     ids = mb["group_id"] if loss_cfg.aggregation == "prompt" else mb["trace_id"]
     weight = _count_weight(mask, ids, loss_cfg.aggregation)
     sg = jax.lax.stop_gradient
@@ -69,11 +86,11 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
   return fn
 
 
-def sft_loss_fn(config: ModelConfig, *, remat: bool = False, implementation: str = "auto"):
+def sft_loss_fn(config: ModelConfig, *, remat: bool = False, implementation: str = "auto", fp32_head: bool = False):
   """Token-mean negative log-likelihood over loss_mask tokens (completion tokens only)."""
 
   def fn(params, _frozen, mb):
-    stats = shifted_stats(config, params, mb, remat=remat, implementation=implementation)
+    stats = shifted_stats(config, params, mb, remat=remat, implementation=implementation, fp32_head=fp32_head)
     mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
     n = jnp.sum(mask)
     nll = -jnp.sum(stats.logp * mask) / jnp.maximum(n, 1.0)

@@ -22,12 +22,11 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from exrl.curriculum.source import ProblemSource
 from exrl.models.config import ModelConfig
 from exrl.rl.advantages import AdvantageConfig
-from exrl.rl.losses import LossConfig, k3_kl
+from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import pool as pool_lib
 from exrl.train import mesh as mesh_lib
@@ -67,6 +66,8 @@ class RLConfig:
   keep_checkpoints: int = 2
   max_skips_in_row: int = 3  # stop after this many consecutive non-finite updates
   verifier_timeout_s: float = 5.0
+  restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
+  kl_monitor: bool = True  # score the reference for a logged KL even when the loss does not need it (β = 0)
   remat: bool = False
 
   def __post_init__(self):
@@ -76,19 +77,18 @@ class RLConfig:
       raise ValueError(f"RLConfig.sc_annotator={self.sc_annotator!r}; valid: {ANNOTATORS}")
     if self.group_size < 2:
       raise ValueError(f"RLConfig.group_size={self.group_size}; group advantages need at least 2 samples")
-    if self.steps < 1 or self.prompts_per_step < 1:
-      raise ValueError(f"RLConfig.steps={self.steps} and prompts_per_step={self.prompts_per_step} must be >= 1")
+    for name in ("steps", "prompts_per_step", "num_microbatches", "inner_epochs", "checkpoint_every",
+                 "keep_checkpoints", "max_skips_in_row"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
+    if self.eval_every < 0:
+      raise ValueError(f"RLConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
+    if not self.verifier_timeout_s > 0:
+      raise ValueError(f"RLConfig.verifier_timeout_s={self.verifier_timeout_s} must be > 0 seconds")
     rows = self.prompts_per_step * self.group_size
     if rows % self.num_microbatches or (rows // self.num_microbatches) % self.group_size:
       raise ValueError(f"RLConfig.num_microbatches={self.num_microbatches} must split the {rows} rows "
                        f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
-
-
-def kl_to_reference(rows: dict) -> float:
-  """Monitoring: mean k3 KL(policy ‖ ref) over the loss-masked tokens of the collected rows."""
-  mask = np.asarray(rows["loss_mask"] > 0, np.float32)
-  kl = np.asarray(k3_kl(rows["old_logp"], rows["ref_logp"])) * mask
-  return float(np.sum(kl) / max(mask.sum(), 1))
 
 
 def _log(msg: str) -> None:
@@ -120,8 +120,11 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   final_eval = {}
   try:
     with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, seed=cfg.seed, mesh_config=cfg.mesh,
-                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=cfg.remat), keep_checkpoints=cfg.keep_checkpoints,
-                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True) as run:
+                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=cfg.remat, on_policy=cfg.inner_epochs == 1,
+                                     temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature),
+                  keep_checkpoints=cfg.keep_checkpoints,
+                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True,
+                  restart=cfg.restart) as run:
       row_multiple = mesh_lib.batch_divisor(run.mesh)
       ref_params = jax.device_put(ref_params, run.state_shardings.params)
       if run.start:
@@ -135,7 +138,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         for _ in range(cfg.inner_epochs):
           run.state, train_metrics = run.step_fn(run.state, batch, ref_params)
         source.update(problems, exp)
-        metrics = {**exp.metrics, **jax.device_get(train_metrics), "kl": kl_to_reference(exp.rows)}
+        metrics = {**exp.metrics, **jax.device_get(train_metrics)}
         _check_skips(cfg, metrics, run, step)
         timing = {**exp.timing, "step_s": time.time() - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:

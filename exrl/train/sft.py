@@ -34,6 +34,12 @@ class SFTConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 1
   remat: bool = False
+  restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "num_microbatches", "max_len", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"SFTConfig.{name}={getattr(self, name)} must be >= 1")
 
 
 def sft_rows(examples: Sequence[tuple[list[int], list[int]]], length: int) -> dict[str, np.ndarray]:
@@ -66,7 +72,8 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=sft_loss_fn(model_config, remat=cfg.remat),
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
-                bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False) as run:
+                bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False,
+                restart=cfg.restart) as run:
     check_mesh_batch(run.mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
     M = cfg.num_microbatches
     for step in range(run.start, cfg.steps):

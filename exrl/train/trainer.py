@@ -73,8 +73,13 @@ class Run:
 @contextlib.contextmanager
 def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
              mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
-             bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool) -> Iterator[Run]:
-  """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json."""
+             bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
+             restart: bool = False) -> Iterator[Run]:
+  """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json.
+
+  A damaged newest checkpoint is quarantined and the newest one that restores is used; if step dirs exist
+  and none restores, this raises rather than silently starting over, unless `restart`.
+  """
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh(mesh_config)
@@ -84,9 +89,9 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
   ckpt = Checkpointer(run_dir / "ckpt", keep=keep_checkpoints)
   writer = bar = None
   try:
-    start, meta = ckpt.latest_step() or 0, {}
+    start, restored, meta = ckpt.restore_latest(state, restart=restart)
     if start:
-      state, meta = ckpt.restore(start, abstract_state=state)
+      state = restored
       print(f"[{desc}] resumed from {run_dir / 'ckpt'} at step {start}", flush=True)
     # Multi-host: process 0 alone writes metrics and config.json (every process runs this same loop).
     writer = MetricsWriter(run_dir, resume_step=start if start else None) if jax.process_index() == 0 else NullWriter()
@@ -97,7 +102,6 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
   finally:
     if bar is not None:
       bar.close()
-    ckpt.wait()
-    ckpt.close()
+    ckpt.close()  # waits for an in-flight save and always releases orbax's threads
     if writer is not None:
       writer.close()

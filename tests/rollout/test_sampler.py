@@ -35,10 +35,10 @@ def _batch(bucket=16):
   return jnp.asarray(tokens), jnp.asarray(valid)
 
 
-def _fresh_logp(params, out):
+def _fresh_logp(params, out, temperature=1.0):
   """Temperature-1 log-probs of every completion token from a no-cache forward over prompt+completion."""
   logits_BxSxV = _logits(CONFIG, params, out.seq_tokens_BxS, out.seq_valid_BxS, out.seq_positions_BxS)
-  logp_BxSxV = jax.nn.log_softmax(logits_BxSxV, axis=-1)
+  logp_BxSxV = jax.nn.log_softmax(logits_BxSxV / temperature, axis=-1)
   pred_BxNxV = logp_BxSxV[:, -N - 1:-1]  # slot s predicts token s+1
   return np.asarray(jnp.take_along_axis(pred_BxNxV, out.tokens_BxN[..., None], -1)[..., 0]), logits_BxSxV
 
@@ -63,13 +63,22 @@ def test_logprobs_match_fresh_forward(params):
   # Positions: each row's prompt is 0..len-1 and completion token t sits at len + t.
   lens = np.array([len(p) for p in PROMPTS])
   np.testing.assert_array_equal(np.asarray(out.seq_positions_BxS)[:, 16:][mask], (lens[:, None] + np.arange(N))[mask])
-  fresh, logits_BxSxV = _fresh_logp(params, out)
+  # Log-probs are at the sampling temperature (0.7), as TRL and verl compute the PPO ratio.
+  fresh, logits_BxSxV = _fresh_logp(params, out, temperature=0.7)
   np.testing.assert_allclose(np.asarray(out.logp_BxN)[mask], fresh[mask], atol=2e-5)
   assert (np.asarray(out.logp_BxN)[~mask] == 0).all()
-  # The test can tell temperature 1 from 0.7: the tempered log-probs are far off.
-  tempered = jax.nn.log_softmax(logits_BxSxV[:, -N - 1:-1] / 0.7, -1)
-  tempered = np.asarray(jnp.take_along_axis(tempered, out.tokens_BxN[..., None], -1)[..., 0])
-  assert np.abs(tempered - fresh)[mask].max() > 0.05
+  # The test can tell 0.7 from temperature 1: the untempered log-probs are far off.
+  untempered, _ = _fresh_logp(params, out, temperature=1.0)
+  assert np.abs(untempered - fresh)[mask].max() > 0.05
+  # Self-certainty KL(U || p) and entropy of the distribution each token was drawn from, vs numpy.
+  z = np.asarray(logits_BxSxV[:, -N - 1:-1], np.float64) / 0.7
+  lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+  p = np.exp(z - lse[..., None])
+  sc = lse - z.mean(-1) - np.log(CONFIG.vocab_size)
+  ent = -(p * np.log(p)).sum(-1)
+  np.testing.assert_allclose(np.asarray(out.self_certainty_BxN)[mask], sc[mask], atol=5e-5)
+  np.testing.assert_allclose(np.asarray(out.entropy_BxN)[mask], ent[mask], atol=5e-5)
+  assert (np.asarray(out.self_certainty_BxN)[~mask] == 0).all() and (np.asarray(out.entropy_BxN)[~mask] == 0).all()
 
 
 def test_eos_stops_a_row_and_masks_what_follows(params):
@@ -98,7 +107,8 @@ def test_top_k_1_equals_greedy(params):
   top1 = sampler.sample(CONFIG, params, tokens, valid, jax.random.key(7),
                         SamplingConfig(max_new_tokens=N, temperature=0.7, top_k=1))
   chex.assert_trees_all_equal(top1.tokens_BxN, greedy.tokens_BxN)
-  chex.assert_trees_all_close(top1.logp_BxN, greedy.logp_BxN)
+  # Log-probs are of the full distribution at the sampling temperature, not of the top-k cut.
+  np.testing.assert_allclose(top1.logp_BxN, _fresh_logp(params, top1, temperature=0.7)[0], atol=2e-5)
   # Greedy is the argmax of a fresh forward pass at each step.
   _, logits_BxSxV = _fresh_logp(params, greedy)
   np.testing.assert_array_equal(np.argmax(np.asarray(logits_BxSxV[:, -N - 1:-1]), -1), np.asarray(greedy.tokens_BxN))
@@ -142,7 +152,8 @@ def test_draws_follow_the_warped_distribution(temperature, top_k, top_p):
   freq = np.bincount(tok, minlength=V) / n
   assert freq[want == 0].sum() == 0
   assert np.abs(freq - want).max() < 4 * np.sqrt(want.max() / n)
-  log_softmax = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+  z = logits.astype(np.float64) / temperature  # log-probs at the sampling temperature, before the cut
+  log_softmax = z - np.log(np.exp(z - z.max()).sum()) - z.max()
   np.testing.assert_allclose(logp, log_softmax[tok], atol=1e-5)
 
 

@@ -78,3 +78,22 @@ def test_pack_rejects_split_groups_and_too_many_microbatches():
     pack_microbatches(_rows_for([0, 1, 0], [0, 1, 2]), 1)
   with pytest.raises(ValueError, match="num_microbatches=3 must be in \\[1, 2\\]"):
     pack_microbatches(_rows_for([0, 0, 1, 1], [0, 1, 2, 3]), 3)
+
+
+def test_sampler_stats_equal_rescoring_at_the_sampling_temperature():
+  """Sampling at T=0.7: the sampler's log-probs and self-certainty equal the re-scoring pass's at T=0.7,
+  which is what lets one inner epoch skip that pass."""
+  from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
+  params = decoder.init_params(CFG, jax.random.key(0))
+  params = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, params)  # peaked: T visibly matters
+  tokens, valid = pad_prompts([[3, 5, 7], [9] * 6, [11, 2]], pad_id=0)
+  out = sample(CFG, params, tokens, valid, jax.random.key(2), SamplingConfig(max_new_tokens=6, temperature=0.7))
+  response = jnp.concatenate([jnp.zeros_like(jnp.asarray(valid)), out.mask_BxN], axis=1)
+  for T, close in ((0.7, True), (1.0, False)):
+    s = score(CFG, params, params, out.seq_tokens_BxS, out.seq_valid_BxS, out.seq_positions_BxS, response,
+              with_ref=False, temperature=T)
+    mask = np.asarray(out.mask_BxN)
+    got, want = np.asarray(s["logp"])[:, tokens.shape[1]:][mask], np.asarray(out.logp_BxN)[mask]
+    assert np.allclose(got, want, atol=2e-5) == close, np.abs(got - want).max()
+    sc_sampler = (np.asarray(out.self_certainty_BxN) * mask).sum(1) / mask.sum(1)
+    assert np.allclose(np.asarray(s["sc_B"]), sc_sampler, atol=2e-5) == close

@@ -33,7 +33,8 @@ def _rows(B=16, T=12, seed=0):
   return {"tokens": tokens, "valid": valid, "positions": np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32),
           "loss_mask": loss_mask, "old_logp": (-3 + 0.3 * rng.standard_normal((B, T))).astype(np.float32) * loss_mask,
           "ref_logp": (-3 + 0.3 * rng.standard_normal((B, T))).astype(np.float32) * loss_mask,
-          "adv": rng.standard_normal(B).astype(np.float32)}
+          "adv": rng.standard_normal(B).astype(np.float32), "trace_id": np.arange(B, dtype=np.int32),
+          "group_id": (np.arange(B) // G).astype(np.int32)}
 
 
 def _run(loss_cfg, M, rows=None, steps=1):
@@ -43,7 +44,7 @@ def _run(loss_cfg, M, rows=None, steps=1):
   opt = make_optimizer(OptimConfig(lr=1e-2, warmup_frac=0.0, eps=1e-4), 10)
   state = init_state(params, opt, seed=0)
   step = make_train_step(rl_loss_fn(CFG, loss_cfg), opt)
-  batch = jax.tree.map(jnp.asarray, pack_microbatches(rows or _rows(), M, G))
+  batch = jax.tree.map(jnp.asarray, pack_microbatches(rows or _rows(), M))
   ref = decoder.init_params(CFG, jax.random.key(1))
   for _ in range(steps):
     state, metrics = step(state, batch, ref)
@@ -71,7 +72,7 @@ def _run_on(loss_cfg, mesh_cfg, devices):
   step = make_train_step(rl_loss_fn(CFG, loss_cfg), opt, mesh, sh, sh.params)
   if mesh.shape["tensor"] > 1:  # the params really are split over the tensor axis
     assert not state.params["embed"].sharding.is_fully_replicated
-  state, metrics = step(state, shard_batch(pack_microbatches(_rows(), 1, G), mesh), ref)
+  state, metrics = step(state, shard_batch(pack_microbatches(_rows(), 1), mesh), ref)
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
@@ -110,8 +111,31 @@ def test_sft_loss_is_completion_nll():
 
 def test_bad_batch_for_mesh():
   mesh = mesh_lib.make_mesh(mesh_lib.MeshConfig(8, 1, 1))
-  batch = pack_microbatches(_rows(B=12), 1, G)
+  batch = pack_microbatches(_rows(B=12), 1)
   with pytest.raises(ValueError, match="not divisible by data\\*fsdp=8"):
     shard_batch(batch, mesh)
   with pytest.raises(ValueError, match="does not fit 8 devices"):
     mesh_lib.make_mesh(mesh_lib.MeshConfig(3, 1, 1))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_on_policy_loss_equals_rescored_old_logp(temperature):
+  """One inner epoch: the loss's own detached log-probs as old log-probs give the loss and gradient of the
+  path that re-scores the rollout first (ratio 1), without that extra forward."""
+  from exrl.train.experience import score
+  rows = _rows()
+  params = decoder.init_params(CFG, jax.random.key(0))
+  ref = decoder.init_params(CFG, jax.random.key(1))
+  mb = jax.tree.map(jnp.asarray, rows)
+  scored = score(CFG, params, ref, mb["tokens"], mb["valid"], mb["positions"], mb["loss_mask"], with_ref=False,
+                 temperature=temperature)
+  rescored = dict(mb, old_logp=scored["logp"])
+  loss_cfg = LossConfig(kl_beta=0.1, aggregation="seq_mean_token_mean")
+  on = rl_loss_fn(CFG, loss_cfg, on_policy=True, temperature=temperature)
+  off = rl_loss_fn(CFG, loss_cfg, temperature=temperature)
+  (l_on, _), g_on = jax.value_and_grad(lambda p: on(p, ref, mb)[:2], has_aux=True)(params)
+  (l_off, _), g_off = jax.value_and_grad(lambda p: off(p, ref, rescored)[:2], has_aux=True)(params)
+  np.testing.assert_allclose(l_on, l_off, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(g_on, g_off, rtol=1e-5, atol=1e-6)
+  # The oracle can fail: with the rows' own (random) old log-probs the loss differs.
+  assert abs(float(off(params, ref, mb)[0]) - float(l_on)) > 1e-3
