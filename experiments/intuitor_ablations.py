@@ -2,11 +2,15 @@
 
   python -m experiments.intuitor_ablations
 
-Per seed: SFT a tiny model on two-digit addition (the quickstart's base), then run four RL arms from it:
+Per seed: SFT a tiny model on two-digit addition (the quickstart's base), then run RL arms from it
+(`--arms`; the default four first):
   grpo              verifier reward (labels), KL β=0.005
   intuitor          self-certainty of the sampling policy (online), β=0.005
   intuitor_offline  self-certainty scored by the frozen base model (offline annotator), β=0.005
   intuitor_beta0    online self-certainty with no KL penalty (β=0)
+  noise, shuffled   controls: i.i.d. N(0,1) rewards; self-certainty permuted within each group
+  intuitor_lr_low   Intuitor at lr/10 for twice the steps (closer to the paper's relative step size)
+  entropy, majority other label-free rewards: negative token entropy (RENT), group majority vote (TTRL)
 Each model is evaluated in-domain (held-out two-digit additions) and out-of-domain on a held-out
 family (three-operand sums such as "12+34+56=", never seen in SFT or RL). Reported: pass@1 at T=1 and
 greedy accuracy with 95% Wilson intervals pooled over seeds, per-seed values, response length, and
@@ -40,11 +44,19 @@ from exrl.train.plot import plot_runs
 from exrl.train.rl_loop import train_rl
 from exrl.train.sft import train_sft
 
-ARMS = {  # name: (reward, annotator, kl_beta or None for the default)
-    "grpo": ("verifier", "online", None),
-    "intuitor": ("self_certainty", "online", None),
-    "intuitor_offline": ("self_certainty", "offline", None),
-    "intuitor_beta0": ("self_certainty", "online", 0.0),
+ARMS = {  # name: (reward, annotator, kl_beta or None for the default, lr scale, steps scale)
+    "grpo": ("verifier", "online", None, 1.0, 1),
+    "intuitor": ("self_certainty", "online", None, 1.0, 1),
+    "intuitor_offline": ("self_certainty", "offline", None, 1.0, 1),
+    "intuitor_beta0": ("self_certainty", "online", 0.0, 1.0, 1),
+    # Controls: does self-certainty itself drive the collapse, or would any unit-size group-normalised signal?
+    "noise": ("noise", "online", None, 1.0, 1),
+    "shuffled": ("shuffled", "online", None, 1.0, 1),
+    # A paper-like relative step size: lr / 10 for twice the steps.
+    "intuitor_lr_low": ("self_certainty", "online", None, 0.1, 2),
+    # Other label-free rewards on equal terms.
+    "entropy": ("entropy", "online", None, 1.0, 1),
+    "majority": ("majority", "online", None, 1.0, 1),
 }
 CURVES = ["accuracy", "self_certainty_reward", "response_len", "kl", "entropy", "sc_acc_corr"]
 
@@ -55,7 +67,12 @@ class Config:
   seeds: tuple[int, ...] = (0, 1, 2)
   base: quickstart.Config = quickstart.Config(eval_problems=400,
                                               rl=dataclasses.replace(quickstart.Config.rl, steps=100, checkpoint_every=50))
-  arms: tuple[str, ...] = tuple(ARMS)
+  arms: tuple[str, ...] = ("grpo", "intuitor", "intuitor_offline", "intuitor_beta0")
+
+  def __post_init__(self):
+    bad = sorted(set(self.arms) - set(ARMS))
+    if bad:
+      raise ValueError(f"unknown arms {bad}; valid: {sorted(ARMS)}")
 
 
 def _eval(model_config, params, tokenizer, task, problems, cfg: quickstart.Config, seed: int) -> dict:
@@ -77,9 +94,11 @@ def run_seed(cfg: Config, seed: int) -> dict:
   out = {"base": {"in": _eval(model_config, base, tokenizer, task, in_problems, qs, seed),
                   "ood": _eval(model_config, base, tokenizer, ood_task, ood_problems, qs, seed)}}
   for arm in cfg.arms:
-    reward, annotator, beta = ARMS[arm]
+    reward, annotator, beta, lr_scale, steps_scale = ARMS[arm]
     rl = quickstart.rl_config(qs, arm, reward)
-    rl = dataclasses.replace(rl, sc_annotator=annotator,
+    rl = dataclasses.replace(rl, sc_annotator=annotator, steps=rl.steps * steps_scale,
+                             checkpoint_every=rl.checkpoint_every * steps_scale,
+                             optim=dataclasses.replace(rl.optim, lr=rl.optim.lr * lr_scale),
                              loss=dataclasses.replace(rl.loss, kl_beta=rl.loss.kl_beta if beta is None else beta))
     print(f"[ablations] seed {seed}: arm {arm}", flush=True)
     state, ev = train_rl(rl, model_config, base, tokenizer, TaskSource(task, seed=seed), eval_problems=in_problems,

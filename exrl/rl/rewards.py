@@ -53,3 +53,56 @@ def self_certainty_reward(self_certainty_BxT: jax.Array, mask_BxT: jax.Array) ->
   sc = jnp.where(m, jax.lax.stop_gradient(self_certainty_BxT).astype(jnp.float32), 0.0)
   n_B = m.sum(axis=-1).astype(jnp.float32)
   return jnp.where(n_B > 0, sc.sum(axis=-1) / jnp.maximum(n_B, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------- label-free rewards and controls
+
+
+def entropy_rewards(entropy_BxT, mask_BxT) -> np.ndarray:
+  """Token-entropy minimisation (RENT / EM-RL): reward float32[B] = -(mean entropy over the row's masked tokens).
+
+  entropy_BxT: per-token entropy in nats of the distribution each response token was drawn from. Rows with an
+  empty mask get 0.
+  """
+  h = np.asarray(entropy_BxT, np.float64)
+  m = np.asarray(mask_BxT) > 0
+  n_B = m.sum(-1)
+  return np.where(n_B > 0, -np.where(m, h, 0.0).sum(-1) / np.maximum(n_B, 1), 0.0).astype(np.float32)
+
+
+def majority_vote_rewards(answers: Sequence[str | None], group_size: int) -> np.ndarray:
+  """TTRL: reward float32[B] = 1 where a sample's extracted answer equals its group's most common one, else 0.
+
+  answers: one extracted final answer per sample (None when none could be extracted; never a majority, never
+  rewarded); groups are contiguous runs of `group_size`. Ties go to the answer seen first in the group.
+  """
+  if len(answers) % group_size:
+    raise ValueError(f"{len(answers)} answers do not split into groups of group_size={group_size}")
+  out = np.zeros(len(answers), np.float32)
+  for g in range(0, len(answers), group_size):
+    group = answers[g:g + group_size]
+    counts: dict[str, int] = {}
+    for a in group:
+      if a is not None:
+        counts[a] = counts.get(a, 0) + 1
+    if not counts:
+      continue
+    top = max(counts.values())
+    majority = next(a for a in group if a is not None and counts[a] == top)
+    out[g:g + group_size] = [float(a == majority) for a in group]
+  return out
+
+
+def noise_rewards(key: jax.Array, batch: int) -> np.ndarray:
+  """Control: i.i.d. N(0, 1) rewards float32[B] (deterministic in `key`, so a resumed run draws the same)."""
+  return np.asarray(jax.random.normal(key, (batch,), jnp.float32))
+
+
+def shuffle_within_groups(x_B, group_size: int, key: jax.Array) -> np.ndarray:
+  """Control: `x_B` with each contiguous group's values randomly permuted (same values, no link to samples)."""
+  x = np.asarray(x_B)
+  if x.shape[0] % group_size:
+    raise ValueError(f"{x.shape[0]} values do not split into groups of group_size={group_size}")
+  G = x.shape[0] // group_size
+  perm_GxK = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, group_size))(jax.random.split(key, G)))
+  return np.take_along_axis(x.reshape(G, group_size), perm_GxK, axis=1).reshape(-1)

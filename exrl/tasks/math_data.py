@@ -46,6 +46,20 @@ def extract_boxed(text: str) -> str | None:
   return None  # Unbalanced braces.
 
 
+def extract_answer(response: str) -> str | None:
+  """A model response's final answer for voting: the last \\boxed{} content, else the integer after the last
+  "answer:", else the whole response if it is one integer; None if there is none."""
+  if not isinstance(response, str) or len(response) > 100_000:
+    return None
+  boxed = extract_boxed(response)
+  if boxed is not None:
+    return boxed.replace(" ", "")
+  for n in (base.extract_marked_int(response), base.parse_int(response)):
+    if n is not None:
+      return str(n)
+  return None
+
+
 def extract_final_answer(text: str) -> str:
   """The final answer in a GSM8K or MATH answer field; see the module docstring."""
   text = str(text)

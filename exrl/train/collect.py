@@ -2,7 +2,9 @@
 
 Each problem is sampled `group_size` times; rows are prompt + completion. The reward is the verifier's
 (time-bounded worker processes), self-certainty (Intuitor: no labels), or both normalised per group and
-mixed. The rollout is re-scored without gradient for old and reference log-probs and self-certainty.
+mixed; or another label-free reward (negative token entropy, RENT; agreement with the group's majority
+answer, TTRL); or a control (i.i.d. noise; self-certainty shuffled within its group). Accuracy is always
+measured by the verifier, whatever the reward.
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ import numpy as np
 
 from exrl.models.config import ModelConfig
 from exrl.rl.advantages import compute_advantages
+from exrl.rl import rewards as rewards_lib
 from exrl.rl.losses import k3_kl
 from exrl.rollout.sampler import bucket_length, pad_prompts, sample
 from exrl.tasks import pool as pool_lib
+from exrl.tasks.math_data import extract_answer
 from exrl.train.evaluate import decode_completion
 from exrl.train.experience import Experience, score
 
@@ -93,8 +97,7 @@ class GroupCollector:
     texts = [decode_completion(self.tokenizer, t[m].tolist()) for t, m in zip(host["tokens_BxN"], mask_BxN)]
     correct, vinfo = pool_lib.verifier_rewards(texts, rollout_problems, self.verify, pool=self.pool)
     t_reward = time.perf_counter()
-    reward_cols = {"verifier": [correct], "self_certainty": [sc_B], "mix": [correct, sc_B]}[cfg.reward]
-    rewards_BxR = np.stack(reward_cols, axis=1).astype(np.float32)
+    rewards_BxR = np.stack(self._reward_columns(correct, sc_B, host, texts, key), axis=1).astype(np.float32)
     weights = np.asarray(cfg.mix_weights, np.float32) if cfg.reward == "mix" else None
     adv_B, keep_B = jax.device_get(compute_advantages(rewards_BxR, cfg.advantage, G, weights))
     B = len(rollout_problems)
@@ -120,6 +123,26 @@ class GroupCollector:
     timing = {"sample_s": t_sample - t0, "score_s": t_score - t_sample, "reward_s": t_reward - t_score,
               "tokens_per_s": float(np.sum(lengths)) / max(t_sample - t0, 1e-9), "width": P + n}
     return Experience(rows=rows, traces=traces, metrics=metrics, timing=timing)
+
+  def _reward_columns(self, correct, sc_B, host, texts, key) -> list[np.ndarray]:
+    """The reward signal(s) of `cfg.reward`, one float[B] column each (mix: verifier then self-certainty)."""
+    G, kind = self.cfg.group_size, self.cfg.reward
+    if kind == "verifier":
+      return [correct]
+    if kind == "self_certainty":
+      return [sc_B]
+    if kind == "mix":
+      return [correct, sc_B]
+    if kind == "entropy":
+      return [rewards_lib.entropy_rewards(host["entropy_BxN"], host["mask_BxN"])]
+    if kind == "majority":
+      return [rewards_lib.majority_vote_rewards([extract_answer(t) for t in texts], G)]
+    control_key = jax.random.fold_in(key, 0x5EED)  # not the sampler's stream
+    if kind == "noise":
+      return [rewards_lib.noise_rewards(control_key, len(texts))]
+    if kind == "shuffled":
+      return [rewards_lib.shuffle_within_groups(sc_B, G, control_key)]
+    raise ValueError(f"RLConfig.reward={kind!r} is not handled by GroupCollector")
 
   def close(self) -> None:
     if self._own_pool:

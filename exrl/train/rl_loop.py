@@ -38,7 +38,7 @@ from exrl.train.state import OptimConfig, TrainState, make_optimizer, next_key
 from exrl.train.step import shard_batch
 from exrl.train.trainer import check_vocab, config_json, open_run
 
-REWARDS = ("verifier", "self_certainty", "mix")
+REWARDS = ("verifier", "self_certainty", "mix", "entropy", "majority", "noise", "shuffled")
 ANNOTATORS = ("online", "offline")
 
 
@@ -51,7 +51,9 @@ class RLConfig:
   group_size: int = 8
   num_microbatches: int = 1
   inner_epochs: int = 1
-  reward: str = "verifier"  # verifier | self_certainty (Intuitor, no labels) | mix
+  # verifier | self_certainty (Intuitor) | mix (verifier + self-certainty) | label-free: entropy (RENT),
+  # majority (TTRL vote) | controls: noise (N(0,1)), shuffled (self-certainty permuted within each group)
+  reward: str = "verifier"
   mix_weights: tuple[float, float] = (1.0, 1.0)  # (verifier, self-certainty) after per-reward group norm
   sc_annotator: str = "online"  # online: the sampling policy; offline: the frozen reference (ablation)
   sampling: SamplingConfig = SamplingConfig(max_new_tokens=32, temperature=1.0)
