@@ -143,6 +143,7 @@ class VerifierPool:
       self._ctx.set_forkserver_preload(_PRELOAD)
     self._workers: list[_Worker] = []
     self._lock = threading.Lock()
+    self._warm: threading.Thread | None = None
     self._start_method = start_method
     self._guard_checked = False
 
@@ -265,6 +266,16 @@ class VerifierPool:
     info = {"verifier_timeouts": timeouts, "verifier_errors": errors,
             "verifier_time_s": time.perf_counter() - t0, "verifier_error_examples": examples, "verifier_latency_s": latency}
     return scores, info
+
+  def warm_up(self) -> None:
+    """Start the worker processes in a background thread (the forkserver imports math-verify: seconds), so the
+    first `map` does not wait for them. Safe to call more than once; `map` and `close` wait for it."""
+    if self._warm is None or not self._warm.is_alive():
+      def start():
+        with self._lock:
+          self._ensure_workers()
+      self._warm = threading.Thread(target=start, name="verifier-pool-warm-up", daemon=True)
+      self._warm.start()
 
   def close(self) -> None:
     with self._lock:

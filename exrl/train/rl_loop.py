@@ -111,10 +111,14 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   check_vocab(model_config, tokenizer)
   encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
   pool = pool_lib.VerifierPool(timeout_s=cfg.verifier_timeout_s)  # evaluation's, and the default collector's
+  pool.warm_up()  # workers start while the first step compiles and samples
   own_collector = collector is None
   collector = collector or GroupCollector(cfg, model_config, tokenizer, verify=verify, encode=encode, pool=pool)
-  run_eval = lambda params: evaluate(model_config, params, tokenizer, eval_problems, verify, cfg.eval, encode,
-                                     pool=pool)
+  def run_eval(params):
+    _log(f"[rl] evaluating {len(eval_problems)} problems (pass@1 x{cfg.eval.samples_per_problem}"
+         f"{' + greedy' if cfg.eval.greedy else ''})")
+    return evaluate(model_config, params, tokenizer, eval_problems, verify, cfg.eval, encode, pool=pool)
+
   optimizer = make_optimizer(cfg.optim, cfg.steps * cfg.inner_epochs)
   ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference (KL, offline annotator)
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
@@ -131,6 +135,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       ref_params = jax.device_put(ref_params, run.state_shardings.params)
       if run.start:
         source.load_state_dict(run.meta["source"])
+      _log(f"[rl] step {run.start + 1} compiles the sampler and the train step (once per shape; cached on disk)")
       for step in range(run.start, cfg.steps):
         t0 = time.time()
         problems = source.batch(step, cfg.prompts_per_step)

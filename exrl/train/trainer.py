@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -45,6 +46,25 @@ def setup_state(model_config, params, optimizer, seed, mesh):
   params = jax.device_put(params, shardings)
   state = jax.jit(lambda p: init_state(p, optimizer, seed))(params)
   return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def enable_compilation_cache() -> str | None:
+  """Turn on JAX's persistent compilation cache unless the user chose a directory (JAX_COMPILATION_CACHE_DIR).
+
+  The default is $EXRL_CACHE_DIR or ~/.cache/exrl/jax, so a re-run or a resume skips most compiles.
+  Returns the directory in use (None if caching could not be enabled).
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = os.environ.get("EXRL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "exrl", "jax")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None  # an unwritable home: run without the cache rather than fail
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
 
 
 def config_json(cfg: Any) -> dict:
@@ -82,6 +102,7 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
   """
   run_dir = Path(run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
+  enable_compilation_cache()
   mesh = mesh_lib.make_mesh(mesh_config)
   state, state_sh = setup_state(model_config, params, optimizer, seed, mesh)
   step_fn = make_train_step(loss_fn, optimizer, mesh, state_sh,
