@@ -141,13 +141,15 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         problems = source.batch(step, cfg.prompts_per_step)
         run.state, key = next_key(run.state)
         exp = collector.collect(run.state.params, ref_params, problems, key)
+        t_collect = time.time()
         batch = shard_batch(pack_microbatches(exp.rows, cfg.num_microbatches, row_multiple), run.mesh)
         for _ in range(cfg.inner_epochs):
           run.state, train_metrics = run.step_fn(run.state, batch, ref_params)
         source.update(problems, exp)
         metrics = {**exp.metrics, **jax.device_get(train_metrics)}
         _check_skips(cfg, metrics, run, step)
-        timing = {**exp.timing, "step_s": time.time() - t0}
+        t_update = time.time()  # device_get above waited for the update
+        timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": t_update - t0}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
           ev = run_eval(run.state.params)
           metrics.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
