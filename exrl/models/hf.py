@@ -28,36 +28,78 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------- config
 
 
-def config_from_hf(hf: dict, *, param_dtype: str = "float32", compute_dtype: str = "float32") -> ModelConfig:
-  """Map an HF config.json dict to ModelConfig (transformers 4.x and 5.x rope layouts)."""
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def read_config_json(file: Path) -> dict:
+  """config.json as a dict; unreadable, non-JSON or non-object content is a one-line CheckpointError naming the file."""
+  try:
+    hf = json.loads(file.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{file} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{file} is not UTF-8 text: byte {e.start} cannot be decoded") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{file} holds a JSON {type(hf).__name__}; expected an object of HF config fields")
+  return hf
+
+
+def _check_fields(hf: dict, source) -> None:
+  """Required sizes present as positive integers; optional size fields, when set, positive integers too."""
+  for key in _REQUIRED_INTS:
+    if key not in hf:
+      raise CheckpointError(f"{source} lacks the field {key!r}; an HF {hf.get('model_type')} config needs "
+                            f"{', '.join(_REQUIRED_INTS)}")
+  for key in (*_REQUIRED_INTS, "num_key_value_heads", "head_dim", "max_position_embeddings"):
+    v = hf.get(key)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+      raise CheckpointError(f"{source}: field {key!r} is {v!r}; expected a positive integer")
+
+
+def config_from_hf(hf: dict, *, param_dtype: str = "float32", compute_dtype: str = "float32",
+                   source: str | os.PathLike = "config.json") -> ModelConfig:
+  """Map an HF config.json dict to ModelConfig (transformers 4.x and 5.x rope layouts).
+
+  `source` names the file in errors: a missing or non-integer size field is a CheckpointError naming it.
+  """
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise CheckpointError(f"model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    raise CheckpointError(f"{source}: model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
   if hf.get("use_sliding_window"):
-    raise CheckpointError("use_sliding_window=True is not supported (full attention only)")
+    raise CheckpointError(f"{source}: use_sliding_window=True is not supported (full attention only)")
   if hf.get("mlp_bias"):
-    raise CheckpointError("mlp_bias=True is not supported")
+    raise CheckpointError(f"{source}: mlp_bias=True is not supported")
   if hf.get("hidden_act", "silu") != "silu":
-    raise CheckpointError(f"hidden_act={hf['hidden_act']!r} is not supported; supported: ('silu',)")
+    raise CheckpointError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported; supported: ('silu',)")
+  _check_fields(hf, source)
   rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = rope.pop("rope_type", rope.pop("type", "default"))
   rope_scaling = tuple(sorted((k, float(v)) for k, v in rope.items() if isinstance(v, (int, float))))
+  missing = [k for k in _ROPE_KEYS.get(rope_type, ()) if k not in dict(rope_scaling)]
+  if missing:
+    raise CheckpointError(f"{source}: rope_type={rope_type!r} needs rope scaling fields {list(_ROPE_KEYS[rope_type])}; "
+                          f"missing {missing}")
   heads = hf["num_attention_heads"]
   eos = hf.get("eos_token_id")
   eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
   attention_bias = bool(hf.get("attention_bias", False))
-  return ModelConfig(
-      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, model_type=model_type,
-      max_position_embeddings=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
-      rope_type=rope_type, rope_scaling=rope_scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=model_type == "qwen2" or attention_bias, o_bias=model_type == "llama" and attention_bias,
-      qk_norm=model_type == "qwen3", param_dtype=param_dtype, compute_dtype=compute_dtype,
-      bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=hf.get("pad_token_id"))
+  try:
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, model_type=model_type,
+        max_position_embeddings=hf.get("max_position_embeddings") or 2048, rope_theta=float(rope_theta),
+        rope_type=rope_type, rope_scaling=rope_scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or attention_bias, o_bias=model_type == "llama" and attention_bias,
+        qk_norm=model_type == "qwen3", param_dtype=param_dtype, compute_dtype=compute_dtype,
+        bos_token_id=hf.get("bos_token_id"), eos_token_ids=eos_ids, pad_token_id=hf.get("pad_token_id"))
+  except (ValueError, TypeError) as e:  # ModelConfig's own checks (rope_type, head counts), with the file named
+    raise CheckpointError(f"{source}: {e}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -155,8 +197,8 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype
     raise CheckpointError(f"{path} is not a directory; expected a local HF checkpoint directory")
   if not (path / "config.json").exists():
     raise CheckpointError(f"{path} has no config.json")
-  config = config_from_hf(json.loads((path / "config.json").read_text()),
-                          param_dtype=param_dtype, compute_dtype=compute_dtype)
+  config = config_from_hf(read_config_json(path / "config.json"), param_dtype=param_dtype,
+                          compute_dtype=compute_dtype, source=path / "config.json")
   files = _weight_files(path)
   handles: dict[Path, object] = {}
 
