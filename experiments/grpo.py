@@ -103,14 +103,16 @@ def main(args: Args) -> dict:
   wrap = lambda ps: [dataclasses.replace(p, prompt=to_text(p.prompt)) for p in ps]
   train, dropped = drop_long_prompts(wrap(task.problems("train")), lambda t: len(encode(t)), args.max_prompt_tokens,
                                      args.data)
-  longest = args.max_prompt_tokens + max(args.rl.sampling.max_new_tokens, args.rl.eval.sampling.max_new_tokens)
+  evals = wrap(task.problems("eval"))[:args.eval_problems]
+  prompt_len = max(len(encode(p.prompt)) for p in train + evals)
+  longest = prompt_len + max(args.rl.sampling.max_new_tokens, args.rl.eval.sampling.max_new_tokens)
   if longest > hf_config.max_position_embeddings:
-    raise ValueError(f"--max-prompt-tokens {args.max_prompt_tokens} + max new tokens = {longest} exceeds the model's "
-                     f"max_position_embeddings={hf_config.max_position_embeddings}; lower one of them")
+    raise ValueError(f"the longest prompt ({prompt_len} tokens) + max new tokens = {longest} exceeds the model's "
+                     f"max_position_embeddings={hf_config.max_position_embeddings}; lower --max-prompt-tokens or "
+                     f"--rl.sampling.max-new-tokens / --rl.eval.sampling.max-new-tokens")
   config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
-  evals = wrap(task.problems("eval"))[:args.eval_problems]
   state, result = train_rl(args.rl, config, params, tokenizer, DatasetSource(train, seed=args.rl.seed),
                            eval_problems=evals, verify=task.verify, encode=encode)
   out = {"eval": {k: v for k, v in result.items() if k != "greedy_examples"}, "run_dir": args.rl.run_dir,
