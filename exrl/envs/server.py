@@ -164,7 +164,10 @@ def create_app(cfg: ServerConfig = ServerConfig(), clock=time.monotonic) -> Fast
 def main(cfg: ServerConfig) -> None:
   import uvicorn  # only the CLI needs it; tests drive the app in-process or via this entry point
   print(f"[exrl.envs.server] serving {sorted(ENVS)} on http://{cfg.host}:{cfg.port}", flush=True)
-  uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+  # Keep-alive longer than httpx's 5 s pool expiry, so the client always drops an idle connection first
+  # (equal timeouts race: a reused connection gets reset under load).
+  uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,
+              timeout_keep_alive=30, backlog=4096)
 
 
 if __name__ == "__main__":

@@ -48,24 +48,32 @@ def sft_rows(examples: Sequence[tuple[list[int], list[int]]], length: int) -> di
   tokens = np.zeros((B, length), np.int32)
   valid = np.zeros((B, length), bool)
   loss_mask = np.zeros((B, length), np.float32)
-  for i, (prompt, completion) in enumerate(examples):
+  for i, (prompt, completion, *explicit) in enumerate(examples):
     ids = (list(prompt) + list(completion))[:length]
     tokens[i, :len(ids)] = ids
     valid[i, :len(ids)] = True
-    loss_mask[i, len(prompt):len(ids)] = 1.0
+    if explicit:  # (ids, [], mask): a per-token loss mask, e.g. agent tokens of a multi-turn trajectory
+      loss_mask[i, :len(ids)] = np.asarray(explicit[0], np.float32)[:len(ids)]
+    else:
+      loss_mask[i, len(prompt):len(ids)] = 1.0
   positions = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
   return {"tokens": tokens, "valid": valid, "positions": positions, "loss_mask": loss_mask}
 
 
 def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
-              examples: Sequence[tuple[str, str]], *, encode: Callable | None = None) -> TrainState:
-  """SFT (or resume it) in `cfg.run_dir` on text pairs (prompt, completion); completion gets eos appended."""
+              examples: Sequence[tuple[str, str]], *, encode: Callable | None = None,
+              tokenized: Sequence[tuple[Sequence[int], Sequence[int]]] = ()) -> TrainState:
+  """SFT (or resume it) in `cfg.run_dir` on text pairs (prompt, completion); completion gets eos appended.
+
+  tokenized: more examples as (ids, loss_mask) with an explicit 0/1 mask per token (multi-turn agent data).
+  """
   check_vocab(model_config, tokenizer)
-  if not examples:
+  if not examples and not tokenized:
     raise ValueError("train_sft got no examples")
   encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
   ids = [(encode(p), tokenizer.encode(c) + [tokenizer.eos_id]) for p, c in examples]
-  longest = max(len(p) + len(c) for p, c in ids)
+  ids += [(list(t), [], list(m)) for t, m in tokenized]
+  longest = max(len(e[0]) + len(e[1]) for e in ids)
   length = min(bucket_length(longest, 16), cfg.max_len)
   if cfg.batch_size % cfg.num_microbatches:
     raise ValueError(f"SFTConfig.batch_size={cfg.batch_size} is not divisible by num_microbatches={cfg.num_microbatches}")
