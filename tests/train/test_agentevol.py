@@ -1,0 +1,110 @@
+"""AgentEvol pieces: success filtering with per-item dedup, the multi-turn GRPO collector's rows and
+advantages against a numpy formula, and end-to-end runs (RL loop with the collector; the experiment)."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from exrl.envs.protocol import StepResult
+from exrl.rl.advantages import AdvantageConfig
+from exrl.rl.losses import LossConfig
+from exrl.rollout.multiturn import MultiTurnConfig, Trajectory
+from exrl.rollout.sampler import SamplingConfig
+from exrl.train.agentevol import keep_successes
+from exrl.train.collect_multiturn import EnvProblem, MultiTurnCollector
+from exrl.train.rl_loop import RLConfig
+from exrl.train.state import OptimConfig
+from tests.rollout.test_multiturn import TINY, TOK
+
+
+def _traj(env, idx, texts, reward):
+  return Trajectory(env, idx, [1, 5, 6], [0, 1, 1], [0.0, -1.0, -1.0], [(t, "", "") for t in texts], reward, True)
+
+
+def test_keep_successes_threshold_and_dedup_per_item():
+  seen = set()
+  a = _traj("maze", 0, ["go up"], 1.0)
+  kept = keep_successes([a, _traj("maze", 0, ["go up"], 1.0),  # same item, same turns: a duplicate
+                         _traj("maze", 0, ["go left"], 1.0),  # same item, other turns: kept
+                         _traj("maze", 1, ["go up"], 1.0),  # same turns, other item: kept
+                         _traj("wordle", 0, ["go up"], 1.0),  # other env: kept
+                         _traj("maze", 2, ["x"], 0.99)], 0.99, seen)  # not above the threshold
+  assert len(kept) == 4 and kept[0] == (a.tokens, a.agent_mask)
+  assert keep_successes([_traj("maze", 0, ["go left"], 1.0)], 0.99, seen) == []  # seen in an earlier round
+
+
+class SlotEnv:
+  """A one-turn env whose reward is its construction order mod 2, so groups of 2 get rewards 0 and 1."""
+  name, max_turns, made = "slot", 1, [0]
+
+  def __init__(self):
+    self.k = SlotEnv.made[0]
+    SlotEnv.made[0] += 1
+
+  def reset(self, idx):
+    return f"slot {idx}"
+
+  def step(self, action):
+    return StepResult("ok", float(self.k % 2), True)
+
+
+def _rl_cfg(tmp_path, **kw):
+  return RLConfig(run_dir=str(tmp_path / "rl"), steps=2, prompts_per_step=2, group_size=2,
+                  sampling=SamplingConfig(max_new_tokens=6), loss=LossConfig(kl_beta=0.0),
+                  advantage=AdvantageConfig(mode="grpo"), optim=OptimConfig(lr=1e-3, warmup_frac=0.0),
+                  checkpoint_every=1, **kw)
+
+
+def test_collector_rows_and_advantages(tmp_path):
+  config = TINY.config(136, TOK)
+  params = jax.tree.map(np.asarray, __import__("exrl.models.decoder", fromlist=["x"]).init_params(config, jax.random.key(0)))
+  SlotEnv.made[0] = 0
+  col = MultiTurnCollector(_rl_cfg(tmp_path), config, TOK, lambda n: SlotEnv(), MultiTurnConfig(max_len=64))
+  exp = col.collect(params, params, [EnvProblem("slot", 3), EnvProblem("slot", 4)], jax.random.key(1))
+  r = exp.rows
+  assert r["tokens"].shape == (4, 64)
+  np.testing.assert_array_equal(exp.traces["reward"], [0, 1, 0, 1])
+  want_adv = np.asarray([-1, 1, -1, 1]) * 0.5 / (np.std([0, 1], ddof=1) + 1e-6)  # (r - mean) / (std + eps)
+  np.testing.assert_allclose(r["adv"], want_adv, rtol=1e-5)
+  np.testing.assert_array_equal(r["group_id"], [0, 0, 1, 1])
+  prompt_len = len(TOK.encode("slot 3\n", add_bos=True))
+  for b in range(4):
+    n = int(r["valid"][b].sum())
+    assert r["loss_mask"][b, :prompt_len].sum() == 0 and r["loss_mask"][b, n:].sum() == 0
+    assert r["loss_mask"][b, prompt_len:n].all() and exp.traces["length"][b] == n - prompt_len
+    assert np.all(r["old_logp"][b, prompt_len:n] < 0) and np.all(r["old_logp"][b, n:] == 0)
+  col.close()
+
+
+def test_multiturn_grpo_through_the_rl_loop(tmp_path):
+  from exrl.models import decoder
+  from exrl.train.agentevol import multiturn_grpo
+  config = TINY.config(136, TOK)
+  params = decoder.init_params(config, jax.random.key(0))
+  state = multiturn_grpo(_rl_cfg(tmp_path), config, params, TOK, ["maze", "wordle"], instances_per_env=4,
+                         rollout_cfg=MultiTurnConfig(max_new_tokens=6, max_turns=2, max_len=384))
+  lines = [json.loads(l) for l in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+  assert [l["step"] for l in lines] == [1, 2]
+  assert all(np.isfinite(l["metrics"]["loss"]) and l["metrics"]["num_tokens"] > 0 for l in lines)
+  assert all(any(k.startswith("success/") for k in l["metrics"]) for l in lines)
+  assert int(state.step) == 2
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end(tmp_path):
+  from experiments import agentevol as exp
+  from exrl.train.agentevol import AgentEvolConfig
+  from exrl.train.sft import SFTConfig
+  cfg = exp.Config(run_dir=str(tmp_path / "ae"), ks=(1,), model=TINY, vocab_size=320,
+                   evol=AgentEvolConfig(envs=("maze", "textcraft"), expert_per_env=6, explore_per_env=4,
+                                        eval_per_env=3, iterations=1, sft_epochs=1.0,
+                                        sft=SFTConfig(batch_size=8, max_len=512),
+                                        rollout=MultiTurnConfig(max_new_tokens=16, max_turns=3, max_len=512),
+                                        rollout_batch=8))
+  out = exp.main(cfg)
+  assert set(out["results"]) == {"BC", "K=1 M=1"}
+  assert out["results"]["BC"]["maze"]["n"] == 3
+  it = out["iterations"]["K=1"][0]
+  assert it["data"] == 12 + it["kept"]
+  assert (tmp_path / "ae" / "success_vs_m.png").exists() and (tmp_path / "ae" / "table.md").exists()
