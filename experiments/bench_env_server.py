@@ -22,7 +22,7 @@ import tyro
 
 from exrl.envs import ENVS
 from exrl.envs.client import EnvClient
-from tests.envs.server_proc import running_server
+from exrl.envs.server import running_server
 
 
 @dataclasses.dataclass(frozen=True)

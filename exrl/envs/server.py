@@ -17,8 +17,12 @@ ordinary step. Sessions past `max_sessions` evict the longest-idle one only if i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
+import socket
+import subprocess
+import sys
 import time
 
 import tyro
@@ -159,6 +163,42 @@ def create_app(cfg: ServerConfig = ServerConfig(), clock=time.monotonic) -> Fast
     return {"closed": True}
 
   return app
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(*args: str, timeout_s: float = 60.0):
+  """Start `python -m exrl.envs.server` on a free loopback port; yields its base URL, stops it after."""
+  import httpx
+  port = free_port()
+  proc = subprocess.Popen([sys.executable, "-m", "exrl.envs.server", "--port", str(port), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.time() + timeout_s
+    while True:
+      if proc.poll() is not None:
+        raise RuntimeError(f"env server exited with {proc.returncode}: {proc.stdout.read().decode()}")
+      try:
+        if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+          break
+      except httpx.TransportError:
+        pass
+      if time.time() > deadline:
+        raise TimeoutError(f"env server on port {port} not healthy after {timeout_s} s")
+      time.sleep(0.1)
+    yield url
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
 
 
 def main(cfg: ServerConfig) -> None:
