@@ -48,6 +48,7 @@ class AgentEvolConfig:
   reward_threshold: float = 0.99
   retrain: str = "base"  # base: every iteration restarts from the base model (paper); continue: from the last
   sft_epochs: float = 4.0  # SFT steps = ceil(epochs * examples / batch_size)
+  iteration_sft_epochs: float = 0.0  # epochs of each iteration's SFT; 0: sft_epochs (as BC)
   sft: SFTConfig = SFTConfig(batch_size=32, max_len=512)
   rollout: MultiTurnConfig = MultiTurnConfig(max_new_tokens=24, max_len=512)
   rollout_batch: int = 64  # envs per batched rollout
@@ -121,8 +122,8 @@ def keep_successes(trajs: Sequence[Trajectory], threshold: float, seen: set) -> 
   return out
 
 
-def _sft(cfg: AgentEvolConfig, name: str, model_config, params, tokenizer, data) -> dict:
-  steps = max(1, math.ceil(cfg.sft_epochs * len(data) / cfg.sft.batch_size))
+def _sft(cfg: AgentEvolConfig, name: str, model_config, params, tokenizer, data, epochs: float) -> dict:
+  steps = max(1, math.ceil(epochs * len(data) / cfg.sft.batch_size))
   sft = dataclasses.replace(cfg.sft, run_dir=str(Path(cfg.run_dir) / name), steps=steps, checkpoint_every=steps,
                             seed=cfg.seed)
   return train_sft(sft, model_config, params, tokenizer, [], tokenized=data).params
@@ -145,7 +146,7 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
                      f"rollout.max_len ({cfg.rollout.max_len}) to at least that")
   if bc is None:
     log(f"[agentevol] BC on {len(expert)} expert trajectories (longest {longest} tokens)")
-    bc_params = _sft(cfg, "bc", model_config, base_params, tokenizer, expert)
+    bc_params = _sft(cfg, "bc", model_config, base_params, tokenizer, expert, cfg.sft_epochs)
     bc = (bc_params, evaluate_agent(cfg, model_config, bc_params, tokenizer, env_factory))
   bc, bc_eval = bc
   result = {"bc": bc_eval, "bc_params": bc, "iterations": [], "expert_trajectories": len(expert)}
@@ -159,7 +160,8 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
     kept = keep_successes(trajs, cfg.reward_threshold, seen)
     data += kept
     start = base_params if cfg.retrain == "base" else params
-    params = _sft(cfg, f"iter{m}", model_config, start, tokenizer, data)
+    params = _sft(cfg, f"iter{m}", model_config, start, tokenizer, data,
+                  cfg.iteration_sft_epochs or cfg.sft_epochs)
     ev = evaluate_agent(cfg, model_config, params, tokenizer, env_factory)
     it = {"m": m, "explore_success": success_table(trajs, cfg.reward_threshold), "kept": len(kept),
           "data": len(data), "eval": ev, "elapsed_s": round(time.time() - t0, 1)}
