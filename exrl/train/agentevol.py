@@ -108,7 +108,11 @@ def evaluate_agent(cfg: AgentEvolConfig, model_config, params, tokenizer, env_fa
   greedy = dataclasses.replace(cfg.rollout, greedy=True)
   trajs = run_rollouts(model_config, params, tokenizer, items, jax.random.key(0), greedy, cfg.rollout_batch,
                        env_factory)
-  return success_table(trajs, cfg.reward_threshold)
+  res = success_table(trajs, cfg.reward_threshold)
+  for name in cfg.envs:  # one greedy episode per env, for reading what the agent does
+    first = next(t for t in trajs if t.env == name)
+    res[name]["example"] = [f"{text!r} -> {obs!r}" for text, _, obs in first.turns[:4]]
+  return res
 
 
 def keep_successes(trajs: Sequence[Trajectory], threshold: float, seen: set) -> list[tuple[list[int], list[int]]]:
