@@ -1,7 +1,8 @@
 """Hugging Face checkpoint interop: `load(path) -> (ModelConfig, params)` and `save(config, params, path)`.
 
 A checkpoint is a local directory with `config.json` and `*.safetensors` (one file, or shards with
-`model.safetensors.index.json`). What `save` writes loads in `transformers.AutoModelForCausalLM`.
+`model.safetensors.index.json`). What `save` writes loads in `transformers.AutoModelForCausalLM`. The params
+are the Flax `Decoder`'s own tree (`decoder.param_shapes`), so `load` feeds `Decoder(config).apply` directly.
 """
 from __future__ import annotations
 

@@ -164,8 +164,8 @@ class Attention(nn.Module):
       nn.share_scope(self, self.norm_k)
 
   def __call__(self, x_BxTxD, rope, allowed_BxTxS, cache: KVCache | None = None, index=None):
-    """-> (out_BxTxD, cache). With a cache, the T new k/v go in at slots [index, index+T) and queries attend over
-    all S slots; without one, over the T tokens themselves."""
+    """-> (out_BxTxD, cache). rope: `rope_tables` (cos, sin) [B, T, 1, E]. With a cache (k, v [B, K, S, E]) the
+    T new k/v go in at slots [index, index+T) and queries attend over all S slots; without one, over the T tokens."""
     c = self.config
     dt = c.dtype
     q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq.astype(dt))
