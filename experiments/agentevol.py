@@ -6,7 +6,8 @@ One tiny decoder plays all three envs (maze, wordle, textcraft), as AgentGym's A
 tokenizer is trained on expert text; BC trains on the scripted expert's trajectories (agent tokens only);
 each AgentEvol arm (one per K) starts from the BC model, explores K samples per instruction at T = 1.2,
 keeps the solved trajectories (reward > 0.99, deduplicated per instruction), merges them with all earlier
-data and retrains from the base model. Every model is evaluated by greedy success on held-out instances
+data and retrains (by default continuing from the last model; `--evol.retrain base` restarts from the base, as
+the paper does). Every model is evaluated by greedy success on held-out instances
 per env, with 95% Wilson CIs. `--grpo-steps N` adds the multi-turn GRPO arm from the BC model.
 Writes runs/agentevol/{result.json,table.md,success_vs_m.png}; the last stdout line is the JSON result.
 
