@@ -12,7 +12,7 @@ from tests.models.hf_fixtures import make_hf_model
 from tests.test_tokenizer import CHAT_TEMPLATE, _save_hf_tokenizer
 
 
-def test_intuitor_preset_and_overrides():
+def test_intuitor_preset_and_overrides(capsys):
   args = grpo.parse(["intuitor", "--model", "m", "--data", "d", "--rl.steps", "3"])
   rl = args.rl
   assert (rl.reward, rl.steps) == ("self_certainty", 3)
@@ -21,6 +21,10 @@ def test_intuitor_preset_and_overrides():
   assert grpo.parse(["intuitor", "--rl.reward", "mix"]).rl.reward == "mix"  # a flag overrides the preset
   assert grpo.parse(["--model", "m", "--data", "d", "--rl.reward", "mix"]).rl.reward == "mix"  # default preset
   assert grpo.parse([]).rl.reward == "verifier"
+  import pytest
+  with pytest.raises(SystemExit) as e:  # tyro reports a bad value as a usage error, exit status 2
+    grpo.parse(["--eval-problems", "-3"])
+  assert e.value.code == 2 and "--eval-problems=-3 must be >= 0" in capsys.readouterr().err
 
 
 def test_every_option_appears_once_in_help():

@@ -27,6 +27,13 @@ def test_bad_configs_fail_at_start():
     RLConfig(prompts_per_step=4, group_size=4, num_microbatches=3)
   with pytest.raises(ValueError, match="reward='labels'"):
     RLConfig(reward="labels")
+  # Checked when the config is built, before any model loads (each used to fail late or not at all).
+  with pytest.raises(ValueError, match="checkpoint_every=0 must be >= 1"):
+    RLConfig(checkpoint_every=0)
+  with pytest.raises(ValueError, match="keep_checkpoints=0 must be >= 1"):
+    RLConfig(keep_checkpoints=0)
+  with pytest.raises(ValueError, match="verifier_timeout_s=0 must be > 0"):
+    RLConfig(verifier_timeout_s=0)
 
   class Tok:
     vocab_size = 1000
