@@ -223,6 +223,74 @@ def test_dead_process_ends_the_others_with_an_error(tmp_path):
   assert time.monotonic() - t0 < 120
 
 
+def _worker_rl(pid, n, port, run_dir, steps):
+  """The real RL loop (sampling, verifying, advantages, the step, checkpoints) on a global data=2 x tensor=2 mesh."""
+  from exrl.train import distributed as d
+  if n > 1:
+    d.init(d.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=pid,
+                               heartbeat_timeout_s=10))
+  from exrl.train.mesh import MeshConfig
+  from tests.train import mini_rl
+  state, _ = mini_rl.run(run_dir, int(steps), mesh=MeshConfig(2, 1, 2), verify=mini_rl.starts_with_one)
+  params = d.to_host(state.params)
+  d.main_only(np.savez)(Path(run_dir) / "final_params.npz", **_flat(params))
+
+
+def _flat(params):
+  import jax
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _deterministic(run_dir):
+  from exrl.train.metrics import read_jsonl
+  return read_jsonl(Path(run_dir) / "metrics.jsonl", deterministic=True)
+
+
+@pytest.mark.slow
+def test_two_process_rl_loop_equals_single_process_and_resumes_after_a_kill(tmp_path):
+  """2 processes x 2 devices through train_rl, one SIGKILLed mid-run, both restarted: the resumed run ends
+  with the losses, metrics and final params of an uninterrupted single-process run on 4 devices."""
+  from experiments import common
+  from exrl.tasks import get_task
+  steps = 4
+  one, two = tmp_path / "one", tmp_path / "two"
+  for run_dir in (one, two):  # both processes share run_dir: build the tokenizer once, up front
+    common.build_tokenizer([get_task("arithmetic", digits=1, ops="+")], run_dir, seed=0)
+  oracle = _spawn("rl", 1, 0, one, extra=[str(steps)],
+                  env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  procs = _spawn("rl", 2, _free_port(), two, extra=[str(steps)])
+  try:
+    deadline = time.monotonic() + 900
+    while not (two / "ckpt" / "2").is_dir():
+      assert time.monotonic() < deadline and procs[1].poll() is None, f"no step-2 checkpoint ({procs[1].poll()})"
+      time.sleep(0.1)
+    procs[1].kill()
+    t0 = time.monotonic()
+    codes, logs = _wait(procs, timeout=120)
+    assert codes[1] == -9 and codes[0] != 0, (codes, logs[0][-3000:])  # the survivor exits with an error
+    assert time.monotonic() - t0 < 120
+    assert not (two / "final_params.npz").exists(), "the run finished before the kill; nothing was resumed"
+    procs = _spawn("rl", 2, _free_port(), two, extra=[str(steps)])
+    codes, logs = _wait(procs, timeout=900)
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "resumed from" in logs[0]
+    codes, olog = _wait(oracle, timeout=900)
+    assert codes == [0], olog[0][-3000:]
+  finally:
+    for p in [*oracle, *procs]:
+      if p.poll() is None:
+        p.kill()
+  want, got = _deterministic(one), _deterministic(two)
+  assert [r["step"] for r in got] == list(range(1, steps + 1))
+  for w, g in zip(want, got):
+    for k in ("loss", "reward_mean", "accuracy", "response_len", "grad_norm"):
+      np.testing.assert_allclose(g["metrics"][k], w["metrics"][k], rtol=1e-4, atol=1e-5, err_msg=f"step {w['step']} {k}")
+  want_p, got_p = np.load(one / "final_params.npz"), np.load(two / "final_params.npz")
+  assert set(want_p.files) == set(got_p.files)
+  chex.assert_trees_all_close({k: got_p[k] for k in want_p.files}, {k: want_p[k] for k in want_p.files},
+                              atol=1e-5, rtol=1e-5)
+
+
 if __name__ == "__main__":
   mode, pid, n, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-  {"step": _worker_step, "dies": _worker_dies}[mode](pid, n, port, out)
+  {"step": _worker_step, "dies": _worker_dies, "rl": _worker_rl}[mode](pid, n, port, out, *sys.argv[6:])
