@@ -207,22 +207,46 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   TRACE_COUNT[0] += 1
   B, P = prompt_tokens_BxP.shape
   N = sampling.max_new_tokens
-  pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
-  stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
   prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
   prompt_valid_BxP = prompt_valid_BxP.astype(bool)
-  prompt_len_B = jnp.sum(prompt_valid_BxP, axis=1, dtype=jnp.int32)
-
-  # Prefill: the whole prompt in one pass; the last slot (always valid when left-padded) predicts token 0.
   # Unstack once, outside the loop, so no decode step slices (copies) layer weights or the cache.
   params = decoder.unstack_layers(params)
   cache = decoder.init_cache(config, B, P + N, per_layer=True)
-  h_BxPxD, cache = decoder.decode_step(config, params, prompt_tokens_BxP,
-                                       decoder.default_positions(prompt_valid_BxP), prompt_valid_BxP, cache, 0)
+  out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_BxP, prompt_valid_BxP, key, N,
+                                 jnp.zeros((B,), bool))
+  tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out
+  seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
+  return SampleOutput(
+      tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
+      lengths_B=jnp.sum(mask_BxN, axis=1, dtype=jnp.int32),
+      seq_tokens_BxS=jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
+      seq_valid_BxS=seq_valid_BxS, seq_positions_BxS=decoder.default_positions(seq_valid_BxS),
+      self_certainty_BxN=sc_BxN, entropy_BxN=entropy_BxN)
+
+
+def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: dict, cache: dict,
+                       prefix_tokens_BxQ: jax.Array, prefix_valid_BxQ: jax.Array, key: jax.Array, num_new: int,
+                       done_B: jax.Array):
+  """Prefill a left-padded prefix at cache slots [0, Q), then sample up to `num_new` tokens at slots Q, Q+1, ...
+
+  params: from `decoder.unstack_layers`; cache: `init_cache(per_layer=True)` with at least Q + num_new slots.
+  Slots past the prefix are only ever seen after they are written, so a cache can be reused without clearing.
+  Rows with done_B already True emit nothing (pad, mask False). Token t is drawn with fold_in(key, t).
+  Returns ((tokens, mask, logp, self_certainty, entropy), each [B, num_new]; cache; done_B).
+  """
+  B, Q = prefix_tokens_BxQ.shape
+  N = num_new
+  pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
+  stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
+  prefix_len_B = jnp.sum(prefix_valid_BxQ, axis=1, dtype=jnp.int32)
+
+  # Prefill: the whole prefix in one pass; the last slot (always valid when left-padded) predicts token 0.
+  h_BxQxD, cache = decoder.decode_step(config, params, prefix_tokens_BxQ,
+                                       decoder.default_positions(prefix_valid_BxQ), prefix_valid_BxQ, cache, 0)
   # The LM head transposed once, outside the loop (a tied embedding is stored VxD).
   w_DxV = decoder.unembed_matrix(config, params).astype(config.dtype)
   project = lambda h_BxD: jnp.einsum("bd,dv->bv", h_BxD, w_DxV, preferred_element_type=jnp.float32)
-  logits_BxV = project(h_BxPxD[:, -1])
+  logits_BxV = project(h_BxQxD[:, -1])
 
   def emit(t, choice, done_B, out):
     """Write step t's choice (pad / 0 for finished rows) into `out` and update the done flags.
@@ -239,7 +263,7 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   zeros = lambda dt: jnp.zeros((B, N), dt)
   out = (zeros(jnp.int32), zeros(bool), zeros(jnp.float32), zeros(jnp.float32), zeros(jnp.float32))
   choice = choose_tokens_with_stats(logits_BxV, jax.random.fold_in(key, 0), sampling)
-  tok_B, done_B, out = emit(0, choice, jnp.zeros((B,), bool), out)
+  tok_B, done_B, out = emit(0, choice, done_B, out)
 
   def cond(carry):
     t, _, done_B, *_ = carry
@@ -247,29 +271,23 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
 
   def body(carry):
     t, prev_tok_B, done_B, cache, out = carry
-    # Token t-1 goes in at slot P+t-1 and position len+t-1; it predicts token t.
-    h_Bx1xD, cache = decoder.decode_step(config, params, prev_tok_B[:, None], (prompt_len_B + t - 1)[:, None],
-                                         jnp.ones((B, 1), bool), cache, P + t - 1)
+    # Token t-1 goes in at slot Q+t-1 and position len+t-1; it predicts token t.
+    h_Bx1xD, cache = decoder.decode_step(config, params, prev_tok_B[:, None], (prefix_len_B + t - 1)[:, None],
+                                         jnp.ones((B, 1), bool), cache, Q + t - 1)
     choice = choose_tokens_with_stats(project(h_Bx1xD[:, 0]), jax.random.fold_in(key, t), sampling)
     tok_B, done_B, out = emit(t, choice, done_B, out)
     return t + 1, tok_B, done_B, cache, out
 
   carry = (jnp.int32(1), tok_B, done_B, cache, out)
-  *_, (tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN) = jax.lax.while_loop(cond, body, carry)
-
-  seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
-  return SampleOutput(
-      tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
-      lengths_B=jnp.sum(mask_BxN, axis=1, dtype=jnp.int32),
-      seq_tokens_BxS=jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
-      seq_valid_BxS=seq_valid_BxS, seq_positions_BxS=decoder.default_positions(seq_valid_BxS),
-      self_certainty_BxN=sc_BxN, entropy_BxN=entropy_BxN)
+  _, _, done_B, cache, out = jax.lax.while_loop(cond, body, carry)
+  return out, cache, done_B
 
 
 _generate_jit = jax.jit(generate, static_argnames=("config", "sampling"))
 
 
-def _check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig):
+def check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig) -> None:
+  """Raise ValueError on prompts `sample` cannot take (shapes, empty rows, right padding, too long, bad ids)."""
   if tokens.ndim != 2 or tokens.shape != valid.shape:
     raise ValueError(f"prompt_tokens_BxP {tokens.shape} and prompt_valid_BxP {valid.shape} must be equal 2-D shapes")
   B, P = tokens.shape
@@ -309,5 +327,5 @@ def sample(config: ModelConfig, params: dict, prompt_tokens_BxP, prompt_valid_Bx
   prompt_tokens_BxP int, prompt_valid_BxP bool (False on the left padding). Deterministic in `key`.
   Raises ValueError on bad input (empty batch, right padding, too-long prompts, ...).
   """
-  _check_inputs(config, prompt_tokens_BxP, prompt_valid_BxP, sampling)
+  check_inputs(config, prompt_tokens_BxP, prompt_valid_BxP, sampling)
   return _generate_jit(config, sampling, params, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_valid_BxP), key)

@@ -16,6 +16,7 @@ from exrl.tasks.countdown import CountdownTask, verify_countdown
 from exrl.tasks.base import (ANSWER_MARKER, SPLITS, Problem, Task, extract_marked_int, in_eval_split, parse_int)
 from exrl.tasks.math_data import (MathDatasetTask, extract_boxed, extract_final_answer, load_math_dataset,
                                   verify_math)
+from exrl.tasks.running_sum import RunningSumTask
 from exrl.tasks.scratchpad import ChainSumTask, DigitSumTask, verify_marked_int
 from exrl.tasks.self_iteration import TASK_NAME as SELF_ITERATION, verify_improvement
 
@@ -25,6 +26,7 @@ TASKS: dict[str, type] = {
     CountdownTask.name: CountdownTask,
     DigitSumTask.name: DigitSumTask,
     MathDatasetTask.name: MathDatasetTask,
+    RunningSumTask.name: RunningSumTask,
 }
 
 # Module-level verifiers by task name: picklable by reference, so worker processes can run them cheaply.
@@ -34,6 +36,7 @@ VERIFIERS: dict[str, Callable[[str, Problem], float]] = {
     CountdownTask.name: verify_countdown,
     DigitSumTask.name: verify_marked_int,
     MathDatasetTask.name: verify_math,
+    RunningSumTask.name: verify_marked_int,
     SELF_ITERATION: verify_improvement,  # ExIt improve/diverge steps: reads the base verifier from problem.meta
 }
 
@@ -69,7 +72,7 @@ def tokenizer_corpus(tasks: Iterable[Task], n_per_task: int = 2000, seed: int = 
 
 __all__ = [
     "ANSWER_MARKER", "SPLITS", "TASKS", "VERIFIERS", "ArithmeticTask", "ChainSumTask", "DigitSumTask",
-    "MathDatasetTask", "Problem", "Task", "extract_boxed", "extract_final_answer", "extract_marked_int", "get_task",
+    "MathDatasetTask", "Problem", "RunningSumTask", "Task", "extract_boxed", "extract_final_answer", "extract_marked_int", "get_task",
     "get_verifier", "in_eval_split", "load_math_dataset", "parse_int", "tokenizer_corpus", "verify_direct_int",
     "verify_marked_int", "verify_math",
 ]

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from exrl.models.config import ModelConfig
+from exrl.rollout.markov import MarkovConfig, markov_sample, response_tokens
 from exrl.rollout.sampler import SamplingConfig, bucket_length, pad_prompts, sample
 from exrl.tasks import pool as pool_lib
 
@@ -54,9 +55,12 @@ def decode_completion(tokenizer, ids) -> str:
 
 
 def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str], sampling: SamplingConfig,
-                   key: jax.Array, batch_size: int, encode: Callable[[str], list[int]] | None = None
-                   ) -> tuple[list[str], np.ndarray]:
-  """Decoded completions and their lengths in tokens, batched (the last batch padded with repeats)."""
+                   key: jax.Array, batch_size: int, encode: Callable[[str], list[int]] | None = None,
+                   markov: MarkovConfig | None = None) -> tuple[list[str], np.ndarray]:
+  """Decoded completions and their lengths in tokens, batched (the last batch padded with repeats).
+
+  markov: think in Delethink chunks (`exrl.rollout.markov`) instead of one context of max_new_tokens.
+  """
   encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
   batch_size = min(batch_size, bucket_length(len(prompts), "pow2"))  # a few problems never fill a big batch
   texts, lengths = [], []
@@ -65,19 +69,24 @@ def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compile
     tokens, valid = pad_prompts([encode(p) for p in chunk], tokenizer.pad_id)
-    out = sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling)
-    toks, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
-    for row in range(n):
-      ids = toks[row][mask[row]].tolist()
+    if markov is None:
+      out = sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling)
+      toks, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
+      responses = [toks[row][mask[row]].tolist() for row in range(n)]
+    else:
+      responses = response_tokens(markov_sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling,
+                                                markov))[:n]
+    for ids in responses:
       texts.append(decode_completion(tokenizer, ids))
       lengths.append(len(ids))
   return texts, np.asarray(lengths)
 
 
 def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable | None, cfg: EvalConfig = EvalConfig(),
-             encode=None, *, pool: pool_lib.VerifierPool | None = None) -> dict:
+             encode=None, *, pool: pool_lib.VerifierPool | None = None, markov: MarkovConfig | None = None) -> dict:
   """pass@1 (at `cfg.sampling`) and greedy accuracy over `problems`, with 95% CIs.
 
+  markov: generate with Delethink chunks (its budget replaces `cfg.sampling.max_new_tokens`).
   verify: a picklable `(text, problem) -> float`, or None for each problem's task verifier; calls run in
   `pool` (default: the process-wide `default_pool()`).
   """
@@ -96,7 +105,7 @@ def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable 
   scores, lens = [], []
   for s in range(cfg.samples_per_problem):
     texts, lengths = generate_texts(config, params, tokenizer, prompts, sampled, jax.random.fold_in(key, s),
-                                    cfg.batch_size, encode)
+                                    cfg.batch_size, encode, markov)
     scores.append(score(texts))
     lens.append(lengths)
   per_problem = np.mean(np.asarray(scores, np.float64), axis=0)
@@ -106,7 +115,7 @@ def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable 
                 mean_len=float(np.mean(lens)), samples_per_problem=cfg.samples_per_problem)
   if cfg.greedy:
     greedy = dataclasses.replace(sampled, greedy=True)
-    texts, lengths = generate_texts(config, params, tokenizer, prompts, greedy, key, cfg.batch_size, encode)
+    texts, lengths = generate_texts(config, params, tokenizer, prompts, greedy, key, cfg.batch_size, encode, markov)
     g = score(texts)
     result.update(greedy=float(g.mean()), greedy_ci95=list(wilson_interval(float(g.sum()), len(problems))),
                   greedy_len=float(np.mean(lengths)), greedy_examples=texts[:3])
