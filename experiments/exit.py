@@ -58,7 +58,9 @@ LABELS = {"base": "base (SFT)", "grpo": "GRPO", "curriculum": "+ curriculum", "i
 class Config:
   """The seeds, run dirs and source settings inside `sft`, `rl` and `exit` are set per arm from these."""
   run_dir: str = "runs/exit"
-  seed: int = 0
+  seed: int = 0  # RL, the ExIt buffer and eval sampling
+  base_seed: int = 0  # the SFT base (its data, tokenizer and training) and the held-out problems
+  base_dir: str = ""  # where tokenizer.model and sft/ live (default run_dir): RL seeds can share one SFT base
   task: CountdownTask = CountdownTask(num_numbers=3, max_number=9, max_target=99)
   model: common.TinyModel = common.TinyModel()
   vocab_size: int = 128
@@ -72,10 +74,11 @@ class Config:
       advantage=AdvantageConfig(mode="grpo"), optim=OptimConfig(lr=1e-4, warmup_frac=0.1, min_lr_ratio=0.1))
   exit: ExItConfig = ExItConfig(capacity=256, min_size=32, p=0.5, p_div=0.2, kappa=10.0, prompt_budget=96)
   arms: tuple[str, ...] = ARMS
-  eval_problems: int = 300
+  eval_problems: int = 256  # the eval split of countdown/3/9/99 holds 261 distinct problems
   eval_k: tuple[int, ...] = (1, 4, 8)
   eval_temperature: float = 1.0
-  eval_batch: int = 300
+  eval_batch: int = 256
+  aggregate: tuple[str, ...] = ()  # result.json files of finished runs (one per seed): the across-seed table, no training
 
 
 def arm_exit_config(cfg: Config, arm: str) -> ExItConfig:
@@ -184,18 +187,82 @@ def plot_k_curves(results: dict, out_png: Path) -> None:
   plt.close(fig)
 
 
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def seed_ci(x) -> tuple[float, list[float]]:
+  """Mean and 95% Student-t interval over seeds (each seed's value is one observation)."""
+  x = np.asarray(x, np.float64)
+  if len(x) < 2:
+    return float(x.mean()), [float("nan"), float("nan")]
+  half = T975.get(len(x) - 1, 1.96) * x.std(ddof=1) / math.sqrt(len(x))
+  return float(x.mean()), [float(x.mean() - half), float(x.mean() + half)]
+
+
+def aggregate(paths, ks, out_png: Path | None = None) -> dict:
+  """Across-seed summary of finished runs: per arm, the mean over seeds of the score at each K, of Δ_K, and of
+  (arm - GRPO) at K = max(ks) paired by seed, each with a 95% t interval over seeds."""
+  runs = [json.loads(Path(p).read_text()) for p in paths]
+  kmax = max(ks)
+  arms = [a for a in runs[0]["results"] if all(a in r["results"] for r in runs)]
+  out = {"seeds": [r["seed"] for r in runs], "eval_problems": runs[0]["eval_problems"], "arms": {}}
+  for a in arms:
+    rs = [r["results"][a] for r in runs]
+    o = {f"score_k{k}": seed_ci([x[f"score_k{k}"] for x in rs]) for k in ks}
+    o[f"delta_k{kmax}"] = seed_ci([x[f"delta_k{kmax}"] for x in rs])
+    if "grpo" in arms:
+      o[f"vs_grpo_k{kmax}"] = seed_ci([x[f"score_k{kmax}"] - r["results"]["grpo"][f"score_k{kmax}"]
+                                       for x, r in zip(rs, runs)])
+    o["score_by_k"] = np.mean([x["score_by_k"] for x in rs], 0).tolist()
+    o["score_by_k_sd"] = np.std([x["score_by_k"] for x in rs], 0, ddof=1).tolist() if len(rs) > 1 else None
+    out["arms"][a] = o
+  fmt = lambda v, sign="": f"{v[0]:{sign}.3f} [{v[1][0]:{sign}.3f}, {v[1][1]:{sign}.3f}]"
+  lines = ["| model | " + " | ".join(f"score K={k}" for k in ks) + f" | Δ{kmax} | K={kmax} minus GRPO |",
+           "|" + "---|" * (len(ks) + 3)]
+  for a, o in out["arms"].items():
+    cells = [fmt(o[f"score_k{k}"]) for k in ks] + [fmt(o[f"delta_k{kmax}"], "+")]
+    cells.append(fmt(o[f"vs_grpo_k{kmax}"], "+") if f"vs_grpo_k{kmax}" in o and a != "grpo" else "")
+    lines.append(f"| {LABELS.get(a, a)} | " + " | ".join(cells) + " |")
+  out["table"] = "\n".join(lines)
+  if out_png is not None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for a, o in out["arms"].items():
+      k = np.arange(1, len(o["score_by_k"]) + 1)
+      ax.errorbar(k + 0.04 * (list(out["arms"]).index(a) - 2.5), o["score_by_k"], yerr=o["score_by_k_sd"],
+                  marker="o", ms=3, capsize=2, label=LABELS.get(a, a))
+    ax.set_xlabel("self-iteration step k")
+    ax.set_ylabel("mean quality (held-out), ±1 sd over seeds")
+    ax.set_title(f"{len(runs)} seeds x {out['eval_problems']} problems", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+  return out
+
+
 def main(cfg: Config) -> dict:
+  if cfg.aggregate:
+    out = aggregate(cfg.aggregate, cfg.eval_k, Path(cfg.run_dir) / "k_step_seeds.png")
+    print(out["table"], flush=True)
+    (Path(cfg.run_dir) / "seeds.json").write_text(json.dumps(out, indent=2))
+    return out
   t0 = time.time()
   run_dir = Path(cfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   task = cfg.task
-  pairs = sft_pairs(task, cfg.sft_examples, cfg.seed, cfg.sft_revise_frac)
-  tokenizer = build_tokenizer(pairs, run_dir, cfg.vocab_size, cfg.seed)
+  base_dir = Path(cfg.base_dir or cfg.run_dir)
+  base_dir.mkdir(parents=True, exist_ok=True)
+  pairs = sft_pairs(task, cfg.sft_examples, cfg.base_seed, cfg.sft_revise_frac)
+  tokenizer = build_tokenizer(pairs, base_dir, cfg.vocab_size, cfg.base_seed)
   encode = lambda s: tokenizer.encode(s, add_bos=True)
-  model_config, params = common.init_model(cfg.model, tokenizer, cfg.seed)
+  model_config, params = common.init_model(cfg.model, tokenizer, cfg.base_seed)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"[exit] task={task} vocab={tokenizer.vocab_size} model {n_params / 1e6:.2f}M params", flush=True)
-  eval_problems = task.generate(cfg.eval_problems, seed=cfg.seed, split="eval")
+  eval_problems = task.generate(cfg.eval_problems, seed=cfg.base_seed, split="eval")
   K = max(cfg.eval_k)
   sampling = SamplingConfig(max_new_tokens=cfg.rl.sampling.max_new_tokens, temperature=cfg.eval_temperature,
                             stop_token_ids=tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
@@ -204,15 +271,16 @@ def main(cfg: Config) -> dict:
   try:
     print("[exit] SFT warm-start", flush=True)
     t = time.time()
-    sft = dataclasses.replace(cfg.sft, run_dir=str(run_dir / "sft"), seed=cfg.seed)
+    sft = dataclasses.replace(cfg.sft, run_dir=str(base_dir / "sft"), seed=cfg.base_seed)
     base = train_sft(sft, model_config, params, tokenizer, pairs).params
     timings["sft_s"] = time.time() - t
-    results, curves = {}, {}
+    results, curves, per_problem = {}, {}, {}
 
     def run_eval(name, p):
       t = time.time()
       q = self_iterate(model_config, p, tokenizer, eval_problems, K, sampling, cfg.seed + 1, cfg.eval_batch, pool)
       results[name] = summarise(q, cfg.eval_k)
+      per_problem[name] = q.round(4).tolist()  # [K][problem], for paired comparisons across arms and seeds
       timings[f"eval_{name}_s"] = time.time() - t
       print(f"[exit] {name}: score by k {np.round(results[name]['score_by_k'], 3).tolist()}", flush=True)
 
@@ -241,9 +309,11 @@ def main(cfg: Config) -> dict:
             run_dir / "curves.png")
   (run_dir / "table.md").write_text(table(results, cfg.eval_k) + "\n")
   out = {"results": results, "runtime_s": round(time.time() - t0, 1), "timings_s": {k: round(v, 1) for k, v in
-         timings.items()}, "seed": cfg.seed, "eval_problems": len(eval_problems), "task": str(task),
+         timings.items()}, "seed": cfg.seed, "base_seed": cfg.base_seed, "eval_problems": len(eval_problems),
+         "task": str(task),
          "k_step_plot": str(run_dir / "k_step.png"), "curves": str(run_dir / "curves.png")}
   (run_dir / "result.json").write_text(json.dumps(out, indent=2))
+  (run_dir / "per_problem.json").write_text(json.dumps(per_problem))
   common.write_result(run_dir, out)
   return out
 
