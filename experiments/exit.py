@@ -15,7 +15,12 @@ by K-step self-iteration on held-out problems (RESEARCH.md §4, the paper's Tabl
    request and the latest answer in the improve prompt), reporting the mean graded quality at K and
    Δ_K = mean(q_K - q_1), with 95% normal intervals over problems (paired for Δ).
 
-Runtime and measured result: see the ExIt section of experiments/README.md.
+More RL seeds from the same SFT base, then the across-seed table (mean and 95% t interval over seeds):
+
+  python -m experiments.exit --seed 1 --run-dir runs/exit/seed1 --base-dir runs/exit
+  python -m experiments.exit --aggregate runs/exit/result.json runs/exit/seed1/result.json ...
+
+Runtime and measured result (4 seeds, 256 held-out problems): see the ExIt section of experiments/README.md.
 The last stdout line is the JSON result, also written to runs/exit/results.json.
 """
 from __future__ import annotations
