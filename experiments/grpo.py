@@ -7,7 +7,10 @@ shows its values); every flag after it overrides the preset. `--rl.reward verifi
 mix`: math-verify on the final answer, Intuitor's self-certainty (no labels used), or both normalised per
 group and summed with `--rl.mix-weights`. The `intuitor` preset sets the published Intuitor
 hyper-parameters (RESEARCH.md §1: lr 3e-6, group 7, KL β 0.005, 128 prompts, temperature 0.9, prompt 512 /
-completion 3072 tokens).
+completion 3072 tokens). The `scalerl` preset turns on the ScaleRL recipe's switches (RESEARCH.md §2): CISPO,
+prompt-level loss aggregation, batch-level advantage normalisation, zero-variance filtering, the FP32 LM head
+and no positive resampling (`--no-positive-resampling`: a prompt whose pass rate so far is >= 0.9 is never
+served again; that history is saved in every checkpoint); the other values are the defaults.
 Checkpoints, metrics.jsonl, TensorBoard events and eval.json go to `--rl.run-dir`; the final policy is
 exported as an HF directory (`<run-dir>/hf`) that transformers or vLLM can load. Re-running the same
 command resumes from the last checkpoint. `--help` lists every option.
@@ -24,8 +27,10 @@ from typing import Literal
 
 import tyro
 
-from exrl.curriculum.source import DatasetSource
+from exrl.curriculum.pass_rate import PassRateSource
+from exrl.curriculum.source import DatasetSource, ProblemSource
 from exrl.models import hf
+from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl import cli
@@ -53,11 +58,15 @@ class Args:
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   eval_problems: int = 200
   export: bool = True
+  positive_resampling: bool = True  # False: ScaleRL's no positive resampling, solved prompts are dropped for good
+  pass_rate_threshold: float = 0.9  # without positive resampling: a prompt's pass rate so far at which it is dropped
   rl: RLConfig = RLConfig(run_dir="runs/grpo")
 
   def __post_init__(self):
     if self.eval_problems < 0:
       raise ValueError(f"--eval-problems={self.eval_problems} must be >= 0")
+    if not 0 < self.pass_rate_threshold <= 1:
+      raise ValueError(f"--pass-rate-threshold={self.pass_rate_threshold} must be in (0, 1]")
     if self.max_prompt_tokens < 1:
       raise ValueError(f"--max-prompt-tokens={self.max_prompt_tokens} must be >= 1")
 
@@ -72,7 +81,17 @@ PRESETS = {
                     optim=OptimConfig(lr=3e-6, warmup_frac=0.1, min_lr_ratio=0.0),
                     eval=EvalConfig(batch_size=64, sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9)),
                     checkpoint_every=10, remat=True, reward="self_certainty"))),
+    "scalerl": ("ScaleRL's recipe switches (RESEARCH.md §2); other values as in default", Args(
+        positive_resampling=False, pass_rate_threshold=0.9,
+        rl=RLConfig(run_dir="runs/scalerl", loss=LossConfig(kind="cispo", aggregation="prompt"),
+                    advantage=AdvantageConfig(mode="batch", filter_zero_variance=True), fp32_head=True))),
 }
+
+
+def make_source(args: Args, train) -> ProblemSource:
+  """The training problems' source: epochs over the dataset, behind the pass-rate filter when asked."""
+  source = DatasetSource(train, seed=args.rl.seed)
+  return source if args.positive_resampling else PassRateSource(source, threshold=args.pass_rate_threshold)
 
 
 def parse(argv: list[str]) -> Args:
@@ -113,7 +132,7 @@ def main(args: Args) -> dict:
   config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
-  state, result = train_rl(args.rl, config, params, tokenizer, DatasetSource(train, seed=args.rl.seed),
+  state, result = train_rl(args.rl, config, params, tokenizer, make_source(args, train),
                            eval_problems=evals, verify=task.verify, encode=encode)
   out = {"eval": {k: v for k, v in result.items() if k != "greedy_examples"}, "run_dir": args.rl.run_dir,
          "seed": args.rl.seed, "eval_problems": len(evals)}

@@ -15,14 +15,25 @@ import kernels
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig, policy_loss
+from exrl.train import mesh as mesh_lib
+from kernels.sharded import token_stats_vocab_sharded
+
+
+def vocab_parallel(mesh, vocab_size: int) -> bool:
+  """Whether the LM-head statistics run vocab-parallel on `mesh`: tensor > 1 and V splits evenly over it
+  (the same condition under which the param rules shard the vocabulary over tensor)."""
+  return mesh is not None and dict(mesh.shape).get("tensor", 1) > 1 and vocab_size % mesh.shape["tensor"] == 0
 
 
 def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, remat: bool = False,
-                  implementation: str = "auto", temperature: float = 1.0, fp32_head: bool = False):
+                  implementation: str = "auto", temperature: float = 1.0, fp32_head: bool = False, mesh=None):
   """Token stats for tokens[:, 1:] from one forward pass; fields are float32[Bm, T-1].
 
   temperature: the stats are of softmax(logits / temperature), computed as h @ (W / temperature) so the
   fused kernel never sees the logits; the reference (exact KL) is scaled the same way.
+  mesh: the train step's mesh (or None). With tensor > 1 the statistics go through `kernels.sharded`
+  (shard_map): each device streams only its V/tensor columns of W, and only [N]-sized partial statistics
+  cross devices, instead of leaving XLA to partition the chunked scan over a vocab-sharded W.
   """
   B, T = mb["tokens"].shape
   hidden = decoder.hidden_states(config, params, mb["tokens"], mb["valid"], mb["positions"], remat=remat)
@@ -38,7 +49,13 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
     ref_hidden = decoder.hidden_states(config, ref_params, mb["tokens"], mb["valid"], mb["positions"])
     ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1).astype(h_NxD.dtype))
     ref["ref_w_DxV"] = jax.lax.stop_gradient(scale(decoder.unembed_matrix(config, ref_params).astype(head_dtype)))
-  stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
+  if vocab_parallel(mesh, w_DxV.shape[1]):
+    # Tokens stay split over (data, fsdp) as the step's rows are; replicated if they do not divide evenly.
+    token_axes = mesh_lib.BATCH_AXES if h_NxD.shape[0] % mesh_lib.batch_divisor(mesh) == 0 else None
+    stats = token_stats_vocab_sharded(h_NxD, w_DxV, targets_N, mesh=mesh, implementation=implementation,
+                                      token_axes=token_axes, **ref)
+  else:
+    stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
   return jax.tree.map(lambda x: None if x is None else x.reshape(B, T - 1), stats)
 
 
@@ -54,7 +71,7 @@ def _count_weight(mask_BxT, ids_B, aggregation: str):
 
 
 def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False, implementation: str = "auto",
-               temperature: float = 1.0, on_policy: bool = False, fp32_head: bool = False):
+               temperature: float = 1.0, on_policy: bool = False, fp32_head: bool = False, mesh=None):
   """(params, ref_params, mb) -> (loss, weight, metrics) for the GRPO-family policy loss.
 
   temperature: log-probs (and the PPO ratio, the KL and the entropy) are of softmax(logits / T), the
@@ -62,12 +79,14 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
   on_policy: the batch was sampled by exactly these params and is trained on once (one inner epoch), so
     the old log-probs are this forward's own, detached: ρ ≡ 1, and no separate re-scoring pass is needed.
     The loss and gradient equal those with old log-probs from a re-scoring forward at the same params.
+  fp32_head: the LM head (hidden and unembedding) in fp32 when the model computes in bf16 (ScaleRL).
+  mesh: the step's mesh; with tensor > 1 the token statistics are vocab-parallel (see `shifted_stats`).
   """
   exact_kl = loss_cfg.kl_beta > 0 and loss_cfg.kl_estimator == "exact"
 
   def fn(params, ref_params, mb):
     stats = shifted_stats(config, params, mb, ref_params=ref_params if exact_kl else None, remat=remat,
-                          implementation=implementation, fp32_head=fp32_head, temperature=temperature)
+                          implementation=implementation, fp32_head=fp32_head, temperature=temperature, mesh=mesh)
     mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
     kw = dict(trace_id_B=mb["trace_id"], group_id_B=mb["group_id"])
     if loss_cfg.kl_beta > 0:
@@ -86,11 +105,14 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
   return fn
 
 
-def sft_loss_fn(config: ModelConfig, *, remat: bool = False, implementation: str = "auto", fp32_head: bool = False):
-  """Token-mean negative log-likelihood over loss_mask tokens (completion tokens only)."""
+def sft_loss_fn(config: ModelConfig, *, remat: bool = False, implementation: str = "auto", fp32_head: bool = False,
+                mesh=None):
+  """Token-mean negative log-likelihood over loss_mask tokens (completion tokens only); fp32_head and mesh
+  as in `rl_loss_fn`."""
 
   def fn(params, _frozen, mb):
-    stats = shifted_stats(config, params, mb, remat=remat, implementation=implementation, fp32_head=fp32_head)
+    stats = shifted_stats(config, params, mb, remat=remat, implementation=implementation, fp32_head=fp32_head,
+                          mesh=mesh)
     mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
     n = jnp.sum(mask)
     nll = -jnp.sum(stats.logp * mask) / jnp.maximum(n, 1.0)

@@ -71,6 +71,8 @@ class RLConfig:
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
   kl_monitor: bool = True  # score the reference for a logged KL even when the loss does not need it (β = 0)
   remat: bool = False
+  fp32_head: bool = False  # ScaleRL: the LM head (its input and unembedding) in fp32 when compute is bf16
+  vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
 
   def __post_init__(self):
     if self.reward not in REWARDS:
@@ -127,7 +129,9 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   try:
     with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, seed=cfg.seed, mesh_config=cfg.mesh,
                   loss_fn=rl_loss_fn(model_config, cfg.loss, remat=cfg.remat, on_policy=cfg.inner_epochs == 1,
-                                     temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature),
+                                     temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
+                                     fp32_head=cfg.fp32_head,
+                                     mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),
                   keep_checkpoints=cfg.keep_checkpoints,
                   total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True,
                   restart=cfg.restart) as run:

@@ -34,6 +34,8 @@ class SFTConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 1
   remat: bool = False
+  fp32_head: bool = False  # the LM head (its input and unembedding) in fp32 when compute is bf16 (ScaleRL)
+  vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
 
   def __post_init__(self):
@@ -78,7 +80,9 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   if cfg.batch_size % cfg.num_microbatches:
     raise ValueError(f"SFTConfig.batch_size={cfg.batch_size} is not divisible by num_microbatches={cfg.num_microbatches}")
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=sft_loss_fn(model_config, remat=cfg.remat),
+  loss_fn = sft_loss_fn(model_config, remat=cfg.remat, fp32_head=cfg.fp32_head,
+                        mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None)
+  with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=loss_fn,
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
                 bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False,
                 restart=cfg.restart) as run:
