@@ -3,6 +3,9 @@
 Each shard runs kernels.token_stats on its [D, V/S] slice of w, then the partial statistics are merged in log space:
 lse = M + log psum(exp(lse_k − M)) with M = pmax(lse_k), and the rest as shard-weighted sums with weights
 p(shard k) = exp(lse_k − lse). The merge is plain differentiable jnp, so gradients flow through each shard's custom_vjp.
+The Pallas kernels run in shard_map's unchecked mode (check_vma=False): a pallas_call cannot say over which mesh axes
+its outputs vary (its out_shape has no manual_axis_type), which the checked mode requires. Unchecked mode has the same
+values and gradients, with possibly less economical transposes (JAX JEP 17111); the other implementations stay checked.
 """
 import math
 
@@ -52,13 +55,15 @@ def token_stats_vocab_sharded(hidden_NxD, w_DxV, targets_N, *, mesh, ref_hidden_
     raise ValueError(f"V={v} must be divisible by the size of mesh axis {axis!r} ({n_shards})")
   v_local, has_ref = v // n_shards, ref_hidden_NxD is not None
   token_names = () if token_axes is None else (token_axes,) if isinstance(token_axes, str) else tuple(token_axes)
+  checked = (api.default_implementation() if implementation == "auto" else implementation) != "pallas"
 
   def local(hidden_NxD, w_DxVs, targets_N, *ref):
     # custom_vjp needs each cotangent typed like its input: cast hidden and w to vary over the same mesh axes, so
     # their per-shard cotangents psum back over the axes they were replicated on (the transpose of the cast).
-    hidden_NxD = jax.lax.pcast(hidden_NxD, (axis,), to="varying")
-    if token_names:
-      w_DxVs = jax.lax.pcast(w_DxVs, token_names, to="varying")
+    if checked:
+      hidden_NxD = jax.lax.pcast(hidden_NxD, (axis,), to="varying")
+      if token_names:
+        w_DxVs = jax.lax.pcast(w_DxVs, token_names, to="varying")
     t_local_N = targets_N - jax.lax.axis_index(axis) * v_local
     in_shard_N = (t_local_N >= 0) & (t_local_N < v_local)
     s = api.token_stats(hidden_NxD, w_DxVs, jnp.clip(t_local_N, 0, v_local - 1),
@@ -71,5 +76,5 @@ def token_stats_vocab_sharded(hidden_NxD, w_DxV, targets_N, *, mesh, ref_hidden_
   if has_ref:
     args += [jax.lax.stop_gradient(ref_hidden_NxD), jax.lax.stop_gradient(ref_w_DxV)]
     specs += [P(token_axes, None), P(None, axis)]
-  out = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(token_axes))(*args)
+  out = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(token_axes), check_vma=checked)(*args)
   return TokenStats(**out)

@@ -4,6 +4,7 @@ With mesh tensor > 1, the RL and SFT losses given the mesh route the LM-head sta
 `kernels.sharded` (shard_map): each device streams only its V/tensor columns. The oracle is the same step
 jitted on one device with no mesh. The last test compares the compiled collective bytes of the two paths.
 """
+import functools
 import math
 import re
 
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
@@ -22,6 +24,7 @@ from exrl.train.objectives import rl_loss_fn, sft_loss_fn, vocab_parallel
 from exrl.train.state import OptimConfig, init_state, make_optimizer
 from exrl.train.step import make_train_step, shard_batch
 from exrl.train.trainer import setup_state
+from kernels import pallas as kernels_pallas
 
 G = 4
 # ScaleRL's loss (CISPO, prompt aggregation) plus the exact KL and an entropy bonus, so every statistic the
@@ -71,11 +74,14 @@ def _sharded_step(cfg, mesh_shape, make_loss, with_ref):
   return step, state, shard_batch(pack_microbatches(_rows(cfg), 1), mesh), frozen
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 1, 8)])
-def test_rl_step_vocab_parallel_equals_unsharded(mesh_shape):
+@pytest.mark.parametrize("mesh_shape,implementation", [((2, 2, 2), "xla"), ((1, 1, 8), "xla"), ((2, 2, 2), "pallas")])
+def test_rl_step_vocab_parallel_equals_unsharded(mesh_shape, implementation):
+  """pallas: the interpret-mode kernels under shard_map's unchecked mode (kernels/sharded.py says why)."""
   cfg = _cfg()
-  want_params, want = _unsharded(cfg, rl_loss_fn(cfg, LOSS), decoder.init_params(cfg, jax.random.key(1)))
-  step, state, batch, frozen = _sharded_step(cfg, mesh_shape, lambda m: rl_loss_fn(cfg, LOSS, mesh=m), True)
+  want_params, want = _unsharded(cfg, rl_loss_fn(cfg, LOSS, implementation="xla"),
+                                 decoder.init_params(cfg, jax.random.key(1)))
+  step, state, batch, frozen = _sharded_step(
+      cfg, mesh_shape, lambda m: rl_loss_fn(cfg, LOSS, mesh=m, implementation=implementation), True)
   assert "shard_map" in str(step.trace(state, batch, frozen).jaxpr)  # the vocab-parallel path is the one taken
   state, got = step(state, batch, frozen)
   for k in ("loss", "entropy", "self_certainty", "grad_norm"):
@@ -99,6 +105,25 @@ def test_vocab_parallel_only_when_the_vocab_splits_over_tensor():
   assert not vocab_parallel(mesh(2, 2, 2), 255)  # the param rules leave such a vocab replicated too
   assert not vocab_parallel(mesh(4, 2, 1), 256)
   assert not vocab_parallel(None, 256)
+
+
+@pytest.mark.parametrize("platform,implementation", [("tpu", "xla"), ("tpu", "pallas"), ("cuda", "xla")])
+def test_vocab_parallel_loss_lowers_for_accelerators(platform, implementation, monkeypatch):
+  """jax.export of the loss gradient on an abstract 2x2x2 mesh (see tests/test_lowering.py for what that proves);
+  the Pallas kernels compiled (Mosaic), not interpreted as they would be by default off TPU."""
+  monkeypatch.setattr(kernels_pallas, "token_stats", functools.partial(kernels_pallas.token_stats, interpret=False))
+  mesh = AbstractMesh((2, 2, 2), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 3)
+  cfg = _cfg()
+  params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
+  psh = mesh_lib.param_shardings(params, decoder.param_axes(cfg), mesh)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, psh)
+  rows = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P(mesh_lib.BATCH_AXES)))
+          for k, v in _rows(cfg).items()}
+  fn = rl_loss_fn(cfg, LOSS, implementation=implementation, mesh=mesh)
+  grad = jax.jit(jax.grad(lambda p, f, mb: fn(p, f, mb)[0]))
+  text = jax.export.export(grad, platforms=[platform])(params, params, rows).mlir_module()
+  assert "sdy.manual_computation" in text or "shard_map" in text  # the vocab-parallel region made it in
+  assert text.count("tpu_custom_call") >= 3 if implementation == "pallas" else "tpu_custom_call" not in text
 
 
 # ---------------------------------------------------------------------------------------------- HLO bytes
