@@ -32,8 +32,9 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
   temperature: the stats are of softmax(logits / temperature), computed as h @ (W / temperature) so the
   fused kernel never sees the logits; the reference (exact KL) is scaled the same way.
   mesh: the train step's mesh (or None). With tensor > 1 the statistics go through `kernels.sharded`
-  (shard_map): each device streams only its V/tensor columns of W, and only [N]-sized partial statistics
-  cross devices, instead of leaving XLA to partition the chunked scan over a vocab-sharded W.
+  (shard_map): each device streams only its V/tensor columns of W, and over the tensor axis only [N]-sized
+  partial statistics (and, backward, the hidden gradient) cross devices, instead of leaving XLA to partition
+  the chunked scan over a vocab-sharded W.
   """
   B, T = mb["tokens"].shape
   hidden = decoder.hidden_states(config, params, mb["tokens"], mb["valid"], mb["positions"], remat=remat)
