@@ -190,6 +190,25 @@ def response_tokens(out: MarkovOutput) -> list[list[int]]:
   return [tokens[b][resp[b]].tolist() for b in range(tokens.shape[0])]
 
 
+def chunk_examples(query_ids: list[int], response_ids: list[int], markov: MarkovConfig) -> list[tuple[list[int], list[float]]]:
+  """Host: a written trace cut the way Delethink would generate it, as SFT rows (ids, loss mask).
+
+  Chunk 1 is query ⊕ the first C response tokens; chunk k ≥ 2 starts at response offset t = C + (k−2)(C − m)
+  and is query ⊕ response[:h] ⊕ response[t−(m−h):t] ⊕ the next C − m tokens. The mask marks the generated
+  part. Only the chunk that reaches the end of `response_ids` (which should end in eos) teaches stopping, so
+  a base trained on these continues a trace from any carryover (R1-Distill does it zero-shot, RESEARCH.md §3).
+  Every chunk of the trace is returned, however many: the trace need not fit `max_chunks`.
+  """
+  C, m, h = markov.chunk_size, markov.carryover, markov.head
+  q, r = list(query_ids), list(response_ids)
+  out = [(q + r[:C], [0.0] * len(q) + [1.0] * len(r[:C]))]
+  for t in range(C, len(r), C - m):
+    ctx = q + r[:h] + r[t - (m - h):t]
+    new = r[t:t + C - m]
+    out.append((ctx + new, [0.0] * len(ctx) + [1.0] * len(new)))
+  return out
+
+
 def segments(out: MarkovOutput) -> list[list[dict]]:
   """Host: per trace, its chunks as {"prompt": ids, "generated": ids, "logp": float32[n]} (prompt = q ⊕ carry)."""
   tokens, valid, resp, logp, n_B = jax.device_get(

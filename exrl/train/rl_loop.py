@@ -134,7 +134,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
                                      mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),
                   keep_checkpoints=cfg.keep_checkpoints,
                   total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True,
-                  restart=cfg.restart) as run:
+                  restart=cfg.restart, frozen=ref_params) as run:
       row_multiple = mesh_lib.batch_divisor(run.mesh)
       ref_params = jax.device_put(ref_params, run.state_shardings.params)
       if run.start:

@@ -48,6 +48,28 @@ def setup_state(model_config, params, optimizer, seed, mesh):
   return state, jax.tree.map(lambda x: x.sharding, state)
 
 
+def tree_bytes(tree) -> int:
+  """Global bytes of a pytree of arrays (or of ShapeDtypeStructs)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def memory_plan(state: TrainState, frozen=None) -> dict[str, int]:
+  """The large buffers of a run, in bytes over all devices: params, optimizer state, the frozen reference
+  (if any), and the gradients (transient: one params-sized tree inside the step). Activations come on top
+  and depend on the batch; XLA reports them per compiled step (`memory_analysis`)."""
+  plan = {"params": tree_bytes(state.params), "optimizer": tree_bytes(state.opt_state),
+          "reference": tree_bytes(frozen) if frozen is not None else 0, "gradients": tree_bytes(state.params)}
+  plan["total"] = sum(plan.values())
+  return plan
+
+
+def format_plan(plan: Mapping[str, int], mesh) -> str:
+  mb = lambda b: f"{b / 2**20:,.0f} MB"
+  parts = " | ".join(f"{k} {mb(v)}" for k, v in plan.items() if k != "total" and v)
+  return (f"memory plan (all {mesh.devices.size} device(s) together, before activations): {parts} | "
+          f"total {mb(plan['total'])}")
+
+
 def enable_compilation_cache() -> str | None:
   """Turn on JAX's persistent compilation cache unless the user chose a directory (JAX_COMPILATION_CACHE_DIR).
 
@@ -94,9 +116,10 @@ class Run:
 def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
              mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
              bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
-             restart: bool = False) -> Iterator[Run]:
+             restart: bool = False, frozen=None) -> Iterator[Run]:
   """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json.
 
+  frozen: the frozen tree the step will take (the RL reference), only to print its share of the memory plan.
   A damaged newest checkpoint is quarantined and the newest one that restores is used; if step dirs exist
   and none restores, this raises rather than silently starting over, unless `restart`.
   """
@@ -105,6 +128,8 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
   enable_compilation_cache()
   mesh = mesh_lib.make_mesh(mesh_config)
   state, state_sh = setup_state(model_config, params, optimizer, seed, mesh)
+  if jax.process_index() == 0:
+    print(f"[{desc}] {format_plan(memory_plan(state, frozen), mesh)}", flush=True)
   step_fn = make_train_step(loss_fn, optimizer, mesh, state_sh,
                             state_sh.params if frozen_shardings_like_params else None)
   ckpt = Checkpointer(run_dir / "ckpt", keep=keep_checkpoints)

@@ -57,6 +57,23 @@ def test_chunk_prompts_are_query_head_and_tail(params):
   assert markov.response_tokens(out) == [sum((s["generated"] for s in segs), []) for segs in markov.segments(out)]
 
 
+def test_chunk_examples_rebuild_the_sampler_chunks(params):
+  # Host-side chunking of a finished trace (the SFT rows of a Markovian base) == what the sampler fed each chunk.
+  tokens, valid = _query()
+  out = markov.markov_sample(CONFIG, params, tokens, valid, jax.random.key(5), ENDLESS, MK)
+  for q, resp, segs in zip(PROMPTS, markov.response_tokens(out), markov.segments(out)):
+    rows = markov.chunk_examples(q, resp, MK)
+    assert len(rows) == len(segs) == MK.max_chunks
+    for (ids, mask), seg in zip(rows, segs):
+      assert ids == seg["prompt"] + seg["generated"]
+      assert mask == [0.0] * len(seg["prompt"]) + [1.0] * len(seg["generated"])
+  # A trace longer than max_chunks still yields every chunk; the last one is short and ends the trace.
+  rows = markov.chunk_examples([1, 2], list(range(10, 45)), MK)  # 35 tokens: 12, then 6 per chunk
+  assert len(rows) == 1 + 4
+  assert rows[-1][0] == [1, 2, 10, 11] + list(range(36, 40)) + list(range(40, 45))
+  assert sum(sum(m) for _, m in rows) == 35
+
+
 def test_chunk_one_equals_plain_sampler(params):
   tokens, valid = _query()
   key = jax.random.key(7)

@@ -139,3 +139,17 @@ def test_on_policy_loss_equals_rescored_old_logp(temperature):
   chex.assert_trees_all_close(g_on, g_off, rtol=1e-5, atol=1e-6)
   # The oracle can fail: with the rows' own (random) old log-probs the loss differs.
   assert abs(float(off(params, ref, mb)[0]) - float(l_on)) > 1e-3
+
+
+def test_memory_plan_counts_params_adam_moments_and_reference():
+  # Oracle: parameter count from the shapes (numpy), Adam keeps two fp32 moments per parameter.
+  from exrl.train.trainer import format_plan, memory_plan
+  params = decoder.init_params(CFG, jax.random.key(0))
+  n = sum(int(np.prod(s)) for s in jax.tree.leaves(decoder.param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple)))
+  state = init_state(params, make_optimizer(OptimConfig(), 10), 0)
+  plan = memory_plan(state, frozen=jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+  assert plan["params"] == plan["gradients"] == 4 * n
+  assert 8 * n <= plan["optimizer"] <= 8 * n + 64  # + optax's step counters
+  assert plan["reference"] == 2 * n
+  assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
+  assert "reference" not in format_plan(memory_plan(state), mesh_lib.make_mesh(mesh_lib.MeshConfig()))
