@@ -58,6 +58,7 @@ class Args:
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   eval_problems: int = 200
   export: bool = True
+  export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: the input checkpoint's dtype
   positive_resampling: bool = True  # False: ScaleRL's no positive resampling, solved prompts are dropped for good
   pass_rate_threshold: float = 0.9  # without positive resampling: a prompt's pass rate so far at which it is dropped
   rl: RLConfig = RLConfig(run_dir="runs/grpo")
@@ -138,7 +139,9 @@ def main(args: Args) -> dict:
          "seed": args.rl.seed, "eval_problems": len(evals)}
   if args.export:
     export_dir = Path(args.rl.run_dir) / "hf"
-    export_hf(config, state.params, export_dir)
+    export_dtype = (hf.saved_dtype(hf.read_config_json(Path(args.model) / "config.json"), config.param_dtype)
+                    if args.export_dtype == "auto" else args.export_dtype)
+    export_hf(config, state.params, export_dir, dtype=export_dtype)
     for f in Path(args.model).iterdir():  # tokenizer and generation files, so the export is servable as is
       if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
         shutil.copy2(f, export_dir / f.name)

@@ -103,8 +103,17 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", compute_dtype: str
     raise CheckpointError(f"{source}: {e}") from None
 
 
-def config_to_hf(config: ModelConfig) -> dict:
+def saved_dtype(hf: dict, default: str = "float32") -> str:
+  """The dtype a checkpoint's tensors were saved in, from its config.json ("dtype", or the older
+  "torch_dtype"), as a `DTYPES` name; `default` when it names none we know."""
+  name = str(hf.get("dtype") or hf.get("torch_dtype") or "").removeprefix("torch.")
+  return name if name in DTYPES else default
+
+
+def config_to_hf(config: ModelConfig, dtype: str | None = None) -> dict:
+  """HF config.json fields; `dtype` is the dtype the tensors are written in (default: config.param_dtype)."""
   c = config
+  dtype = dtype or c.param_dtype
   hf = {
       "architectures": [_ARCHITECTURES[c.model_type]], "model_type": c.model_type,
       "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -115,7 +124,7 @@ def config_to_hf(config: ModelConfig) -> dict:
       "rope_parameters": {"rope_type": c.rope_type, "rope_theta": c.rope_theta, **c.rope_scaling_dict},
       "bos_token_id": c.bos_token_id, "pad_token_id": c.pad_token_id,
       "eos_token_id": list(c.eos_token_ids) if len(c.eos_token_ids) != 1 else c.eos_token_ids[0],
-      "torch_dtype": c.param_dtype, "dtype": c.param_dtype, "use_cache": True,
+      "torch_dtype": dtype, "dtype": dtype, "use_cache": True,
   }
   if c.rope_type != "default":
     hf["rope_scaling"] = {"rope_type": c.rope_type, **c.rope_scaling_dict}
@@ -254,11 +263,18 @@ def _hf_shape(shape: tuple[int, ...], kind: str | None) -> tuple[int, ...]:
 
 
 def save(config: ModelConfig, params: dict, path: str | os.PathLike, *,
-         max_shard_bytes: int = 4 << 30) -> Path:
-  """Write config.json and safetensors (sharded with an index past `max_shard_bytes`)."""
+         max_shard_bytes: int = 4 << 30, dtype: str | None = None) -> Path:
+  """Write config.json and safetensors (sharded with an index past `max_shard_bytes`).
+
+  dtype: the tensors' dtype on disk, a `DTYPES` name (default: config.param_dtype). Training in fp32 from a
+  bf16 checkpoint and exporting with dtype="bfloat16" gives a checkpoint the size of the input.
+  """
+  dtype = dtype or config.param_dtype
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  host = lambda x: np.asarray(np.asarray(x, np.float32), _np_dtype(config.param_dtype))
+  host = lambda x: np.asarray(np.asarray(x, np.float32), _np_dtype(dtype))
   tensors = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
   if not config.tie_word_embeddings:
     tensors["lm_head.weight"] = np.ascontiguousarray(host(params["lm_head"]).T)
@@ -285,7 +301,7 @@ def save(config: ModelConfig, params: dict, path: str | os.PathLike, *,
       weight_map.update({name: fname for name in shard})
     total = sum(x.nbytes for x in tensors.values())
     (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
+  (path / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
   return path
 
 

@@ -430,8 +430,9 @@ def set_host_rng_state(rng: random.Random | np.random.Generator, state: dict) ->
     raise TypeError(f"cannot restore RNG state of kind={kind!r} into {type(rng).__name__}")
 
 
-def export_hf(config: Any, params: Any, path: str | Path) -> None:
-  """Writes an HF directory (config.json + safetensors) servable by vLLM / transformers."""
+def export_hf(config: Any, params: Any, path: str | Path, dtype: str | None = None) -> None:
+  """Writes an HF directory (config.json + safetensors) servable by vLLM / transformers; tensors in `dtype`
+  (default: the config's param_dtype)."""
   from exrl.models import hf  # lazy: models layer is optional for pure checkpointing
 
-  hf.save(config, params, path)
+  hf.save(config, params, path, dtype=dtype)

@@ -36,7 +36,7 @@ from exrl.train.experience import Collector, pack_microbatches
 from exrl.train.objectives import rl_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer, next_key
 from exrl.train.step import shard_batch
-from exrl.train.trainer import check_vocab, config_json, open_run
+from exrl.train.trainer import check_vocab, config_json, open_run, resolve_remat
 
 REWARDS = ("verifier", "self_certainty", "mix", "entropy", "majority", "noise", "shuffled")
 ANNOTATORS = ("online", "offline")
@@ -70,7 +70,7 @@ class RLConfig:
   verifier_timeout_s: float = 5.0
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
   kl_monitor: bool = True  # score the reference for a logged KL even when the loss does not need it (β = 0)
-  remat: bool = False
+  remat: bool | None = None  # None: on for models of >= 100M parameters (trainer.resolve_remat)
   fp32_head: bool = False  # ScaleRL: the LM head (its input and unembedding) in fp32 when compute is bf16
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
 
@@ -128,7 +128,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   final_eval = {}
   try:
     with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, seed=cfg.seed, mesh_config=cfg.mesh,
-                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=cfg.remat, on_policy=cfg.inner_epochs == 1,
+                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=resolve_remat(cfg.remat, model_config), on_policy=cfg.inner_epochs == 1,
                                      temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
                                      fp32_head=cfg.fp32_head,
                                      mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),

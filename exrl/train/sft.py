@@ -18,7 +18,7 @@ from exrl.train import mesh as mesh_lib
 from exrl.train.objectives import sft_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer
 from exrl.train.step import shard_batch
-from exrl.train.trainer import check_mesh_batch, check_vocab, open_run
+from exrl.train.trainer import check_mesh_batch, check_vocab, open_run, resolve_remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +33,7 @@ class SFTConfig:
   seed: int = 0
   checkpoint_every: int = 100
   keep_checkpoints: int = 1
-  remat: bool = False
+  remat: bool | None = None  # None: on for models of >= 100M parameters (trainer.resolve_remat)
   fp32_head: bool = False  # the LM head (its input and unembedding) in fp32 when compute is bf16 (ScaleRL)
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
@@ -80,7 +80,7 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   if cfg.batch_size % cfg.num_microbatches:
     raise ValueError(f"SFTConfig.batch_size={cfg.batch_size} is not divisible by num_microbatches={cfg.num_microbatches}")
   optimizer = make_optimizer(cfg.optim, cfg.steps)
-  loss_fn = sft_loss_fn(model_config, remat=cfg.remat, fp32_head=cfg.fp32_head,
+  loss_fn = sft_loss_fn(model_config, remat=resolve_remat(cfg.remat, model_config), fp32_head=cfg.fp32_head,
                         mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None)
   with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=loss_fn,
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,

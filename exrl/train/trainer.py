@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -68,6 +69,21 @@ def format_plan(plan: Mapping[str, int], mesh) -> str:
   parts = " | ".join(f"{k} {mb(v)}" for k, v in plan.items() if k != "total" and v)
   return (f"memory plan (all {mesh.devices.size} device(s) together, before activations): {parts} | "
           f"total {mb(plan['total'])}")
+
+
+REMAT_MIN_PARAMS = 100_000_000
+
+
+def resolve_remat(remat: bool | None, model_config: ModelConfig) -> bool:
+  """`remat=None` (auto): recompute activations in the backward pass for models of >= 100M parameters.
+
+  Measured on a 4-layer slice of Qwen2.5-0.5B's layout at 8 x 128 tokens, the compiled RL step's temp
+  memory is 3.9x the params without remat and 2.0x with it; the price is one more forward per update.
+  """
+  if remat is not None:
+    return remat
+  shapes = decoder.param_shapes(model_config)
+  return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))) >= REMAT_MIN_PARAMS
 
 
 def enable_compilation_cache() -> str | None:

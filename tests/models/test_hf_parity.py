@@ -2,6 +2,7 @@
 import json
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,27 @@ def test_bf16_params_roundtrip(tmp_path):
   assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
   _, params2 = hf.load(tmp_path / "bf16", param_dtype="bfloat16")
   chex.assert_trees_all_equal(params2, params)
+
+
+def test_fp32_training_exports_in_the_input_dtype(tmp_path):
+  # A bf16 checkpoint trained in fp32 goes back out as bf16: half the bytes, the input's dtype in config.json.
+  make_hf_model("qwen2", tmp_path / "orig")
+  config, params = hf.load(tmp_path / "orig")  # fp32 params
+  hf.save(config, params, tmp_path / "fp32")
+  in_dtype = hf.saved_dtype({"torch_dtype": "bfloat16"})
+  hf.save(config, params, tmp_path / "bf16", dtype=in_dtype)
+  cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+  assert in_dtype == cfg["dtype"] == cfg["torch_dtype"] == "bfloat16"
+  size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size
+  assert abs(size("bf16") / size("fp32") - 0.5) < 0.01
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+  assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+  _, params2 = hf.load(tmp_path / "bf16", param_dtype="bfloat16")
+  chex.assert_trees_all_equal(params2, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+  assert hf.saved_dtype({"torch_dtype": "torch.float16"}) == "float16"
+  assert hf.saved_dtype({}) == hf.saved_dtype({"dtype": "int8"}) == "float32"
+  with pytest.raises(ValueError, match="dtype='fp8'"):
+    hf.save(config, params, tmp_path / "bad", dtype="fp8")
 
 
 # ----------------------------------------------------------------------------- bad input

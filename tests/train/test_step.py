@@ -153,3 +153,33 @@ def test_memory_plan_counts_params_adam_moments_and_reference():
   assert plan["reference"] == 2 * n
   assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
   assert "reference" not in format_plan(memory_plan(state), mesh_lib.make_mesh(mesh_lib.MeshConfig()))
+
+
+def test_update_runs_in_place_and_remat_auto():
+  # Compiled temp bytes: the whole step needs at most 0.5x params more than the gradient alone (the old
+  # select-of-(new, old) skip kept a second params + optimizer copy: +1.2x); remat cuts the activations.
+  from exrl.train.step import train_step
+  from exrl.train.trainer import resolve_remat
+  cfg = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=32, model_type="qwen2", qkv_bias=True)
+  opt = make_optimizer(OptimConfig(), 10)
+  params = jax.eval_shape(lambda: decoder.init_params(cfg, jax.random.key(0)))
+  state = jax.eval_shape(lambda p: init_state(p, opt, 0), params)
+  rows = {k: jax.ShapeDtypeStruct((1, 32, 64) if v.ndim == 2 else (1, 32), v.dtype) for k, v in _rows().items()}
+  nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+
+  def temp(fn):
+    return jax.jit(fn, donate_argnums=0).lower(state, rows, params).compile().memory_analysis().temp_size_in_bytes
+
+  grad_temps = []
+  for remat in (False, True):
+    loss_fn = rl_loss_fn(cfg, LossConfig(), on_policy=True, remat=remat)
+    grad_only = temp(lambda s, b, f: jax.grad(lambda p: loss_fn(p, f, jax.tree.map(lambda x: x[0], b))[0])(s.params))
+    step = temp(lambda s, b, f: train_step(s, b, f, loss_fn=loss_fn, optimizer=opt))
+    assert step <= grad_only + 0.5 * nbytes, (remat, step / nbytes, grad_only / nbytes)
+    grad_temps.append(grad_only)
+  assert grad_temps[1] < 0.75 * grad_temps[0], grad_temps
+  assert resolve_remat(None, cfg) is False and resolve_remat(True, cfg) is True
+  big = ModelConfig(vocab_size=16384, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                    num_kv_heads=2, head_dim=64)  # Qwen2.5-0.5B's layout: 373M parameters
+  assert resolve_remat(None, big) is True and resolve_remat(False, big) is False
