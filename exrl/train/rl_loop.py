@@ -21,7 +21,6 @@ import time
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 
 from exrl.curriculum.source import ProblemSource
 from exrl.models.config import ModelConfig
@@ -122,7 +121,9 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
     return evaluate(model_config, params, tokenizer, eval_problems, verify, cfg.eval, encode, pool=pool)
 
   optimizer = make_optimizer(cfg.optim, cfg.steps * cfg.inner_epochs)
-  ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference (KL, offline annotator)
+  # The frozen reference (KL, offline annotator) is the caller's params themselves, never a copy: the train
+  # state holds its own copy (the only one donated), and on one device placing them on the mesh is a no-op.
+  ref_params = params
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
                 "kl": "kl"}
   final_eval = {}

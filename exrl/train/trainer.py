@@ -151,10 +151,15 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
   ckpt = Checkpointer(run_dir / "ckpt", keep=keep_checkpoints)
   writer = bar = None
   try:
-    start, restored, meta = ckpt.restore_latest(state, restart=restart)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    if ckpt.step_dirs():  # a resume: drop the fresh state (its optimizer moments) before restoring into new buffers
+      state = None
+    start, restored, meta = ckpt.restore_latest(abstract, restart=restart)
     if start:
       state = restored
       print(f"[{desc}] resumed from {run_dir / 'ckpt'} at step {start}", flush=True)
+    elif state is None:  # nothing restored (every step damaged and --restart): start over
+      state, _ = setup_state(model_config, params, optimizer, seed, mesh)
     # Multi-host: process 0 alone writes metrics and config.json (every process runs this same loop).
     writer = MetricsWriter(run_dir, resume_step=start if start else None) if jax.process_index() == 0 else NullWriter()
     if jax.process_index() == 0:
