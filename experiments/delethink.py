@@ -3,13 +3,18 @@
   python -m experiments.delethink
 
 1. a SentencePiece tokenizer and a tiny Qwen2-style decoder; SFT on full written solutions of running_sum
-   ("17+5 57>41:" -> "56:22,55:27,...,41:97. answer: 97", 6 tokens a step) with 2-24 steps: the base;
+   ("13:1:94," -> "12:1:95,11:1:96,...,00:1:07. answer: 07", 8 tokens a step) with 2-18 steps, plus the
+   Delethink chunks (query + carryover -> next C - m tokens, `markov.chunk_examples`) of written traces of
+   19-75 steps:
+   the base. Like the paper's R1-Distill, which thinks Markovianly zero-shot, it can continue a trace from a
+   carryover; it has never seen a context longer than the training budget;
 2. from that base, two RL arms with the same token budget per trace (C + (I-1)(C-m) = 150 tokens):
      longcot    one context of 150 new tokens (GroupCollector)
      delethink  chunks of C = 50 with carryover m = 25 (the first h = 5 response tokens kept), I = 5 (MarkovCollector)
-   both with the verifier reward on problems of 10-24 steps, no KL, clip 0.2/0.26, loss normalised per
+   both with the verifier reward on problems of 8-18 steps (18 steps fill the budget), no KL, clip 0.2/0.26,
+   loss normalised per
    trace (seq_mean_token_mean), as the paper's recipe;
-3. greedy accuracy of base, longcot and delethink on held-out problems of 10-90 steps, at budgets of 1x, 2x
+3. greedy accuracy of base, longcot and delethink on held-out problems of 10-60 steps, at budgets of 1x, 2x
    and 4x the training budget: LongCoT inference gets a longer context, Delethink inference more chunks.
    Delethink inference is also applied to the base and the LongCoT-trained model.
 
@@ -32,7 +37,7 @@ from exrl import cli
 from exrl.curriculum.source import TaskSource
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
-from exrl.rollout.markov import MarkovConfig
+from exrl.rollout.markov import MarkovConfig, chunk_examples
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks.running_sum import RunningSumTask
 from exrl.train.collect_markov import MarkovCollector
@@ -50,14 +55,16 @@ class Config:
   run_dir: str = "runs/delethink"
   seed: int = 0
   markov: MarkovConfig = MarkovConfig(chunk_size=50, carryover=25, head=5, max_chunks=5)
-  sft_task: RunningSumTask = RunningSumTask(min_steps=2, max_steps=24)
-  rl_task: RunningSumTask = RunningSumTask(min_steps=10, max_steps=24)
-  eval_task: RunningSumTask = RunningSumTask(min_steps=10, max_steps=90)
+  sft_task: RunningSumTask = RunningSumTask(min_steps=2, max_steps=18)
+  rl_task: RunningSumTask = RunningSumTask(min_steps=8, max_steps=18)  # 18 steps fill the 150-token budget
+  eval_task: RunningSumTask = RunningSumTask(min_steps=10, max_steps=60)  # 60 steps fit 4x the budget
   budget_multiples: tuple[int, ...] = (1, 2, 4)
   model: common.TinyModel = common.TinyModel()
   max_position_embeddings: int = 1024  # RoPE: no learned positions; long-context eval needs the table only
-  sft_examples: int = 20000
-  sft: SFTConfig = SFTConfig(steps=600, batch_size=32, max_len=176, checkpoint_every=200,
+  sft_examples: int = 12000  # full written solutions of sft_task
+  chunk_task: RunningSumTask = RunningSumTask(min_steps=19, max_steps=75)
+  chunk_traces: int = 1500  # written traces of chunk_task, cut into Delethink chunks for SFT
+  sft: SFTConfig = SFTConfig(steps=800, batch_size=32, max_len=176, checkpoint_every=200,
                              optim=OptimConfig(lr=1e-3, warmup_frac=0.05, min_lr_ratio=0.1))
   rl: RLConfig = RLConfig(
       steps=30, prompts_per_step=8, group_size=8, checkpoint_every=10, kl_monitor=False,
@@ -97,8 +104,8 @@ def main(cfg: Config) -> dict:
 
   print("[delethink] 1/4 SFT on full written solutions", flush=True)
   sft = dataclasses.replace(cfg.sft, run_dir=str(run_dir / "sft"), seed=cfg.seed)
-  base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(cfg.sft_task, cfg.sft_examples,
-                                                                          cfg.seed)).params
+  base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(cfg.sft_task, cfg.sft_examples, cfg.seed),
+                   tokenized=markov_sft_rows(cfg, tokenizer)).params
   models = {"base": base}
   rl = dataclasses.replace(cfg.rl, seed=cfg.seed, sampling=dataclasses.replace(
       cfg.rl.sampling, max_new_tokens=train_budget))
@@ -140,6 +147,15 @@ def main(cfg: Config) -> dict:
          "plots": [str(run_dir / "accuracy_vs_budget.png"), str(run_dir / "curves.png")]}
   common.write_result(run_dir, out)
   return out
+
+
+def markov_sft_rows(cfg: Config, tokenizer) -> list[tuple[list[int], list[float]]]:
+  """Every Delethink chunk of `chunk_traces` written long traces, as (ids, loss mask) SFT rows."""
+  rows = []
+  for p in cfg.chunk_task.generate(cfg.chunk_traces, seed=cfg.seed, split="train", unique=False):
+    response = tokenizer.encode(cfg.chunk_task.sft_target(p)) + [tokenizer.eos_id]
+    rows += chunk_examples(tokenizer.encode(p.prompt, add_bos=True), response, cfg.markov)
+  return rows
 
 
 def budget_table(results: dict, multiples, train_budget: int) -> str:

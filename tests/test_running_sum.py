@@ -8,8 +8,8 @@ from exrl.tasks.running_sum import RunningSumTask, solution
 
 
 def test_solution_hand_built():
-  assert solution(17, 5, 20, 17) == "19:22,18:27,17:32. answer: 32"
-  assert solution(98, 3, 1, 0) == "00:01. answer: 01"  # wraps modulo 100, two digits
+  assert solution(17, 5, 3) == "02:5:22,01:5:27,00:5:32. answer: 32"
+  assert solution(98, 3, 1) == "00:3:01. answer: 01"  # wraps modulo 100, two digits
 
 
 def test_problems_solutions_and_verifier():
@@ -17,11 +17,12 @@ def test_problems_solutions_and_verifier():
   problems = task.generate(200, seed=0)
   for p in problems:
     m = p.meta
-    assert p.prompt == f"{m['start']}+{m['add']} {m['hi']}>{m['lo']}:"
-    assert 3 <= m["steps"] == m["hi"] - m["lo"] <= 30 and 0 <= m["lo"]
+    assert p.prompt == f"{m['steps']:02d}:{m['add']}:{m['start']:02d},"
+    assert 3 <= m["steps"] <= 30
     target = task.sft_target(p)
     assert re.fullmatch(task.format_regex, target)
-    assert target.count(":") - 1 == m["steps"]  # one "counter:total" per step, plus "answer:"
+    assert target.count(",") + 1 == m["steps"]  # one "to_go:add:total" state per step
+    assert target.startswith(f"{m['steps'] - 1:02d}:{m['add']}:") and f",00:{m['add']}:" in "," + target
     total = m["start"]
     for _ in range(m["steps"]):
       total = (total + m["add"]) % 100
@@ -30,8 +31,6 @@ def test_problems_solutions_and_verifier():
     assert get_verifier("running_sum")(target, p) == 1.0
     assert task.verify(target.rsplit(" ", 1)[0] + f" {(total + 1) % 100:02d}", p) == 0.0
   assert task.verify("", problems[0]) == 0.0
-  hi = {p.meta["hi"] for p in problems}
-  assert max(hi) > 60 and min(hi) < 40  # counters cover the range even for short problems
 
 
 def test_eval_split_disjoint_across_lengths():

@@ -1,14 +1,14 @@
 """A long-reasoning task whose state fits in a few tokens: a running total written out step by step (Delethink).
 
-  "17+5 57>41:" -> "56:22,55:27,54:32,...,41:97. answer: 97"
+  "13:1:94," -> "12:1:95,11:1:96,10:1:97,...,00:1:07. answer: 07"
 
-Start at 17 and add 5, modulo 100, once per step while a counter runs down from 57 to 41 (n = 16 steps).
-Each step writes the counter and the total as two digits each ("56:22,"), so every step is the same few
-tokens and the written solution grows linearly with n. The whole state (counter, total) is in the last step
-and the stopping rule (counter == 41) and the increment are in the query, so a Markovian thinker that
-keeps the query and a short tail of its own text can go on for any n. Counters cover 00..99 even for short
-problems (hi is drawn anywhere in [n, 99]), so a model trained on short traces has seen every counter it
-meets on long ones.
+The query is the first state "steps to go : increment : total" (13 steps of +1 from 94, modulo 100). Each
+step writes the next state: one step fewer to go, the same increment, the total plus the increment, so
+every step is the same eight tokens, the written solution grows linearly with n, and the next step depends
+only on the last one. The trace stops after the state with 00 steps to go. A Markovian thinker that keeps the
+query and a short tail of its own text can go on for any n (up to 99). A trace of n steps only shows
+counters below n: a model asked for longer traces than it was trained on meets counters it never wrote,
+unless it was also trained on chunks of long traces (`exrl.rollout.markov.chunk_examples`).
 
 The verifier reads the integer after the LAST "answer:" and compares it with (start + n * add) mod 100.
 """
@@ -21,13 +21,17 @@ from typing import ClassVar
 from exrl.tasks import base
 
 
-def solution(start: int, add: int, hi: int, lo: int) -> str:
-  """The written solution of "start+add hi>lo:"."""
-  steps, total = [], start
-  for counter in range(hi - 1, lo - 1, -1):
+def state(to_go: int, add: int, total: int) -> str:
+  return f"{to_go:02d}:{add}:{total:02d}"
+
+
+def solution(start: int, add: int, steps: int) -> str:
+  """The written solution of the query `state(steps, add, start) + ","`."""
+  lines, total = [], start
+  for to_go in range(steps - 1, -1, -1):
     total = (total + add) % 100
-    steps.append(f"{counter:02d}:{total:02d}")
-  return f"{','.join(steps)}. {base.ANSWER_MARKER} {total:02d}"
+    lines.append(state(to_go, add, total))
+  return f"{','.join(lines)}. {base.ANSWER_MARKER} {total:02d}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +42,7 @@ class RunningSumTask:
   eval_fraction: float = 0.2
 
   name: ClassVar[str] = "running_sum"
-  format_regex: ClassVar[str] = r"\d\d:\d\d(?:,\d\d:\d\d)*\. answer: \d\d"
+  format_regex: ClassVar[str] = r"\d\d:\d:\d\d(?:,\d\d:\d:\d\d)*\. answer: \d\d"
 
   def __post_init__(self):
     if not 1 <= self.min_steps <= self.max_steps <= 99:
@@ -48,10 +52,10 @@ class RunningSumTask:
 
   def _draw(self, rng: random.Random) -> base.Problem:
     n = rng.randint(self.min_steps, self.max_steps)
-    start, add, hi = rng.randint(0, 99), rng.randint(1, 9), rng.randint(n, 99)
+    start, add = rng.randint(0, 99), rng.randint(1, 9)
     answer = (start + n * add) % 100
-    return base.Problem(f"{start}+{add} {hi}>{hi - n}:", str(answer), self.name,
-                        meta={"start": start, "add": add, "hi": hi, "lo": hi - n, "steps": n})
+    return base.Problem(state(n, add, start) + ",", str(answer), self.name,
+                        meta={"start": start, "add": add, "steps": n})
 
   def generate(self, n: int, seed: int, split: str = "train", *, unique: bool = True) -> list[base.Problem]:
     tag = f"{self.name}/{self.min_steps}/{self.max_steps}"
@@ -62,4 +66,4 @@ class RunningSumTask:
 
   def sft_target(self, problem: base.Problem) -> str:
     m = problem.meta
-    return solution(m["start"], m["add"], m["hi"], m["lo"])
+    return solution(m["start"], m["add"], m["steps"])
