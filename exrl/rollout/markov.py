@@ -190,7 +190,8 @@ def response_tokens(out: MarkovOutput) -> list[list[int]]:
   return [tokens[b][resp[b]].tolist() for b in range(tokens.shape[0])]
 
 
-def chunk_examples(query_ids: list[int], response_ids: list[int], markov: MarkovConfig) -> list[tuple[list[int], list[float]]]:
+def chunk_examples(query_ids: list[int], response_ids: list[int],
+                   markov: MarkovConfig) -> list[tuple[list[int], list[float]]]:
   """Host: a written trace cut the way Delethink would generate it, as SFT rows (ids, loss mask).
 
   Chunk 1 is query ⊕ the first C response tokens; chunk k ≥ 2 starts at response offset t = C + (k−2)(C − m)

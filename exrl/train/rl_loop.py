@@ -129,7 +129,8 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   final_eval = {}
   try:
     with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, seed=cfg.seed, mesh_config=cfg.mesh,
-                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=resolve_remat(cfg.remat, model_config), on_policy=cfg.inner_epochs == 1,
+                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=resolve_remat(cfg.remat, model_config),
+                                     on_policy=cfg.inner_epochs == 1,
                                      temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
                                      fp32_head=cfg.fp32_head,
                                      mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),
