@@ -19,12 +19,11 @@ import json
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import tyro
 
 from exrl.envs import ENVS
-from exrl.envs.client import EnvClient
+from exrl.envs.client import EnvClient, shared_client
 from exrl.envs.server import running_server
 
 
@@ -41,7 +40,7 @@ def main(cfg: Config) -> dict:
     raise ValueError(f"--env {cfg.env!r}; built-in envs are {sorted(ENVS)}")
   actions = {"maze": ["up", "down", "left", "right"], "wordle": ["about", "crane", "zzzzz"],
              "textcraft": ["get log", "craft plank", "inventory"]}[cfg.env]
-  with running_server() as url, httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=cfg.clients)) as http:
+  with running_server() as url, shared_client(cfg.clients, timeout_s=30.0) as http:
     def worker(k: int):
       lat, errors = [], []
       env = EnvClient(url, cfg.env, http=http)

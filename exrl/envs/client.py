@@ -1,8 +1,11 @@
 """An `Env` over HTTP (httpx): the same protocol as the in-process envs, so the same rollout drives both.
 
-Timeouts on every request. Retries are bounded and only where they cannot double-apply an action: a
-request that never connected is retried for every route; a read timeout or a 5xx only for the idempotent
-ones (reset, observation, actions, close, health). A 4xx raises `EnvHTTPError` with the server's detail.
+Timeouts on every request. Retries are bounded and never double-apply an action: a request that never
+connected is retried for every route; any other transport error (a read timeout, a reset or closed
+connection) or a 5xx only for the idempotent ones (reset, observation, actions, close, health) and for step,
+which carries the server's exactly-once `seq` (see `exrl.envs.server`). Only create is not retried after it
+was sent: a lost create leaves an orphan session that idle eviction removes. A 4xx raises `EnvHTTPError`
+with the server's detail.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ def _request(http: httpx.Client, method: str, route: str, *, idempotent: bool, r
       r = http.request(method, route, **kwargs)
     except (httpx.ConnectError, httpx.ConnectTimeout) as e:
       err = e
-    except (httpx.ReadTimeout, httpx.RemoteProtocolError) as e:
+    except httpx.TransportError as e:  # sent, perhaps applied: read/write errors and timeouts, protocol errors
       if not idempotent:
         raise
       err = e
@@ -43,6 +46,14 @@ def _request(http: httpx.Client, method: str, route: str, *, idempotent: bool, r
     if attempt < retries:
       time.sleep(backoff_s * 2 ** attempt)
   raise ConnectionError(f"{method} {route} failed after {retries + 1} attempts: {err}") from err
+
+
+def shared_client(max_connections: int, timeout_s: float = 10.0) -> httpx.Client:
+  """One `httpx.Client` for many threads' sessions. Every connection may stay alive: with fewer keep-alive
+  slots than connections, httpcore's pool closes "surplus" idle connections, including one it has just
+  handed to another thread (encode/httpcore#1110), which fails that request with EBADF under load."""
+  return httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_connections,
+                                                             max_keepalive_connections=max_connections))
 
 
 class EnvClient:
@@ -62,6 +73,7 @@ class EnvClient:
       raise ValueError(f"server {base_url} has no env {name!r}; it serves {sorted(info['envs'])}")
     self.max_turns = int(info["envs"][name]["max_turns"])
     self.id = self._call("POST", f"/{name}/create", idempotent=False)["id"]
+    self.seq = 0  # steps applied by the server in this session (exactly-once retries)
 
   def _call(self, method: str, route: str, *, idempotent: bool, **kwargs) -> dict:
     return _request(self.http, method, self.base + route, idempotent=idempotent, retries=self.retries,
@@ -72,7 +84,9 @@ class EnvClient:
                       json={"id": self.id, "data_idx": int(idx)})["observation"]
 
   def step(self, action: str) -> StepResult:
-    r = self._call("POST", f"/{self.name}/step", idempotent=False, json={"id": self.id, "action": action})
+    r = self._call("POST", f"/{self.name}/step", idempotent=True,
+                   json={"id": self.id, "action": action, "seq": self.seq})
+    self.seq += 1
     return StepResult(r["observation"], float(r["reward"]), bool(r["done"]))
 
   def observation(self) -> str:

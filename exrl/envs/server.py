@@ -5,7 +5,7 @@
 Per env NAME in `exrl.envs.ENVS` (maze, wordle, textcraft):
   POST /NAME/create                         -> {"id": int}
   POST /NAME/reset {"id", "data_idx"}       -> {"observation": str}
-  POST /NAME/step {"id", "action"}          -> {"observation": str, "reward": float, "done": bool}
+  POST /NAME/step {"id", "action", "seq"?}  -> {"observation": str, "reward": float, "done": bool}
   GET  /NAME/observation?id=N               -> {"observation": str}
   GET  /NAME/actions?id=N                   -> {"actions": [str]}
   POST /NAME/close {"id"}                   -> {"closed": true}
@@ -14,6 +14,10 @@ Errors are JSON `{"detail": ...}` with a 4xx status: unknown env or id 404, malf
 action or body 413, step before reset 409, too many sessions 429. An illegal but well-formed action is an
 ordinary step. Sessions past `max_sessions` evict the longest-idle one only if it has been idle for
 `idle_timeout_s`; otherwise create answers 429.
+
+Exactly-once steps: a step may carry `seq`, the number of seq'd steps this session has applied. The server
+applies seq == applied, replays its last reply for seq == applied - 1 (a retry whose reply was lost), and
+answers 409 to any other seq, so a client can retry a step after any transport error without applying it twice.
 """
 from __future__ import annotations
 
@@ -61,6 +65,16 @@ class ResetBody(_Body):
 class StepBody(_Body):
   id: int
   action: str
+  seq: int | None = Field(default=None, ge=0)  # exactly-once retries (module docstring)
+
+
+@dataclasses.dataclass
+class Session:
+  name: str
+  env: object
+  used: float  # clock() at the last request
+  applied: int = 0  # seq'd steps applied
+  reply: dict | None = None  # the last seq'd step's reply, replayed to a retry
 
 
 class ApiError(Exception):
@@ -69,11 +83,11 @@ class ApiError(Exception):
 
 
 class Sessions:
-  """id -> (env name, env, last-used time); ids are never reused."""
+  """id -> `Session`; ids are never reused."""
 
   def __init__(self, cfg: ServerConfig, clock=time.monotonic):
     self.cfg, self.clock = cfg, clock
-    self.items: dict[int, list] = {}
+    self.items: dict[int, Session] = {}
     self.ids = itertools.count()
 
   def create(self, name: str) -> int:
@@ -84,20 +98,23 @@ class Sessions:
       raise ApiError(429, f"all {self.cfg.max_sessions} sessions are in use and none has been idle "
                           f"{self.cfg.idle_timeout_s} s; close sessions you no longer need")
     i = next(self.ids)
-    self.items[i] = [name, make_env(name, seed=self.cfg.seed), now]
+    self.items[i] = Session(name, make_env(name, seed=self.cfg.seed), now)
     return i
 
   def evict_idle(self, now: float) -> None:
-    for i in [i for i, (_, _, t) in self.items.items() if now - t > self.cfg.idle_timeout_s]:
+    for i in [i for i, s in self.items.items() if now - s.used > self.cfg.idle_timeout_s]:
       del self.items[i]
 
-  def get(self, name: str, i: int):
-    item = self.items.get(i)
-    if item is None or item[0] != name:
+  def session(self, name: str, i: int) -> Session:
+    s = self.items.get(i)
+    if s is None or s.name != name:
       raise ApiError(404, f"unknown {name} session id {i} (never created, closed, or evicted after "
                           f"{self.cfg.idle_timeout_s} s idle); create one with POST /{name}/create")
-    item[2] = self.clock()
-    return item[1]
+    s.used = self.clock()
+    return s
+
+  def get(self, name: str, i: int):
+    return self.session(name, i).env
 
 
 def create_app(cfg: ServerConfig = ServerConfig(), clock=time.monotonic) -> FastAPI:
@@ -136,14 +153,22 @@ def create_app(cfg: ServerConfig = ServerConfig(), clock=time.monotonic) -> Fast
 
   @app.post("/{env}/step")
   async def step(env: str, body: StepBody):
-    e = sessions.get(env_name(env), body.id)
+    s = sessions.session(env_name(env), body.id)
     if len(body.action) > MAX_ACTION_CHARS:
       raise ApiError(413, f"action of {len(body.action)} characters; the limit is {MAX_ACTION_CHARS}")
+    if body.seq is not None and body.seq != s.applied:
+      if body.seq == s.applied - 1 and s.reply is not None:
+        return s.reply  # a retry of a step that was applied but whose reply was lost
+      raise ApiError(409, f"{env} session {body.id}: step seq {body.seq}, but {s.applied} seq'd steps were "
+                          f"applied; send seq {s.applied} for a new step or {s.applied - 1} to retry the last")
     try:
-      obs, reward, done = e.step(body.action)
+      obs, reward, done = s.env.step(body.action)
     except RuntimeError as err:  # step before reset
       raise ApiError(409, str(err)) from err
-    return {"observation": obs, "reward": float(reward), "done": bool(done)}
+    reply = {"observation": obs, "reward": float(reward), "done": bool(done)}
+    if body.seq is not None:
+      s.applied, s.reply = s.applied + 1, reply
+    return reply
 
   @app.get("/{env}/observation")
   async def observation(env: str, id: int):

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from exrl.envs import make_env
-from exrl.envs.client import EnvClient, EnvHTTPError
+from exrl.envs.client import EnvClient, EnvHTTPError, shared_client
 from exrl.envs.experts import run_expert
 from exrl.envs.server import ServerConfig, create_app
 from tests.envs.server_proc import running_server
@@ -96,6 +96,49 @@ def test_client_bounded_retries_on_dead_port():
   assert time.time() - t0 < 10
 
 
+def test_step_seq_is_exactly_once():
+  c = TestClient(create_app())
+  i = c.post("/maze/create").json()["id"]
+  c.post("/maze/reset", json={"id": i, "data_idx": 3})
+  ref = make_env("maze")
+  ref.reset(3)
+  first = c.post("/maze/step", json={"id": i, "action": "up", "seq": 0}).json()
+  assert first == ref.step("up")._asdict()
+  assert c.post("/maze/step", json={"id": i, "action": "up", "seq": 0}).json() == first  # replayed, not applied
+  assert c.get("/maze/observation", params={"id": i}).json()["observation"] == ref.observation()
+  r = c.post("/maze/step", json={"id": i, "action": "up", "seq": 2})
+  assert r.status_code == 409 and "send seq 1" in r.json()["detail"]
+  assert c.post("/maze/step", json={"id": i, "action": "left", "seq": 1}).json() == ref.step("left")._asdict()
+  assert c.post("/maze/step", json={"id": i, "action": "left", "seq": -1}).status_code == 422
+
+
+class _LoseReplies:
+  """An http client that sends every request, then drops the reply of every other step: the action was
+  applied, the caller sees a read error (what a connection closed under a request looks like)."""
+
+  def __init__(self, inner):
+    self.inner, self.steps = inner, 0
+
+  def request(self, method, url, **kwargs):
+    response = self.inner.request(method, url, **kwargs)
+    if url.endswith("/step"):
+      self.steps += 1
+      if self.steps % 2:
+        raise httpx.ReadError("[Errno 9] Bad file descriptor", request=response.request)
+    return response
+
+
+def test_client_retries_lost_step_replies_without_reapplying():
+  app = create_app()
+  flaky = _LoseReplies(TestClient(app))
+  remote = EnvClient("http://testserver", "maze", http=flaky, backoff_s=0.0)
+  want = run_expert(make_env("maze"), 4)
+  got = run_expert(_ExpertOverHTTP(remote, make_env("maze")), 4)
+  assert (got.turns, got.reward, got.done) == (want.turns, want.reward, want.done)
+  assert remote.seq == app.state.sessions.items[remote.id].applied == len(want.turns)
+  assert flaky.steps == 2 * len(want.turns)  # each step was sent twice and applied once
+
+
 class _ExpertOverHTTP:
   """Drives the remote env with a shadow in-process env's expert (the expert needs the env's state)."""
 
@@ -118,7 +161,7 @@ class _ExpertOverHTTP:
 def test_load_64_clients_x_200_steps():
   """The bounded load test of the issue: zero errors (latencies are reported by experiments.bench_env_server)."""
   with running_server() as url:
-    with httpx.Client(timeout=30.0, limits=httpx.Limits(max_connections=64)) as http:
+    with shared_client(64, timeout_s=30.0) as http:
       def worker(k):
         env = EnvClient(url, "maze", http=http)
         env.reset(k)
