@@ -43,13 +43,14 @@ class Config:
   group_size: int = 8
   max_new_tokens: int = 32
   kl_beta: float = 0.04
+  compute_dtype: str = "float32"  # bfloat16: mixed precision (fp32 params and optimizer, bf16 matmuls)
   seed: int = 0
 
 
 def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, reps: int = 5) -> float:
   """FLOP/s of an [n, n] @ [n, n] product at `dtype` on the default device (best of `reps`)."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  f = jax.jit(lambda x, y: x @ y)
+  a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
   f(a, a).block_until_ready()
   best = float("inf")
   for _ in range(reps):
@@ -75,10 +76,11 @@ def main(cfg: Config) -> dict:
   task = get_task("arithmetic", digits=2, ops="+")
   tokenizer = common.build_tokenizer([task], out_dir, seed=cfg.seed)
   model_config, params = common.init_model(cfg.model, tokenizer, cfg.seed)
+  model_config = dataclasses.replace(model_config, compute_dtype=cfg.compute_dtype)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   print(f"[bench_rl_step] model {n_params / 1e6:.1f}M params, {cfg.prompts_per_step}x{cfg.group_size} rollouts, "
         f"<= {cfg.max_new_tokens} new tokens, {cfg.steps} steps", flush=True)
-  peak = matmul_peak_flops()
+  peak = matmul_peak_flops(dtype=model_config.dtype)
   rl = RLConfig(run_dir=str(run_dir), steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
                 group_size=cfg.group_size, seed=cfg.seed, sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens),
                 loss=LossConfig(kl_beta=cfg.kl_beta), optim=OptimConfig(lr=1e-5), checkpoint_every=cfg.steps)
@@ -102,7 +104,7 @@ def main(cfg: Config) -> dict:
       "peak_gflops": round(peak / 1e9, 1),
       "update_mfu": round(update_flops / med("update_s") / peak, 3),
       "sample_mfu": round(sample_flops / med("sample_s") / peak, 3),
-      "wall_s": round(wall, 1), "steps": cfg.steps, "seed": cfg.seed,
+      "wall_s": round(wall, 1), "steps": cfg.steps, "seed": cfg.seed, "compute_dtype": cfg.compute_dtype,
   }
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "result.json").write_text(json.dumps(result, indent=2))

@@ -33,6 +33,17 @@ _MASK_VALUE = -1e30  # finite, so a fully padded query row averages instead of g
 KVCache = tuple  # (k_BxKxSxE, v_BxKxSxE) of one layer, or [L, ...] stacked inside the scan
 
 
+def dense(x, w, n_in: int = 1) -> jax.Array:
+  """Contract x's last `n_in` axes with w's first `n_in`, as one 2-D matmul over all leading axes of x.
+
+  A contraction written over two batch-like axes (b, t) makes XLA:CPU materialise a transposed copy of the
+  activations for each weight gradient; flattened to rows first, the RL update ran 1.5x faster.
+  """
+  in_size = math.prod(w.shape[:n_in])
+  y = x.reshape(-1, in_size) @ w.reshape(in_size, -1)
+  return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+
+
 def _param(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
   """A param in `param_dtype` that carries its logical axis names."""
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.config.pdtype)
@@ -168,9 +179,9 @@ class Attention(nn.Module):
     T new k/v go in at slots [index, index+T) and queries attend over all S slots; without one, over the T tokens."""
     c = self.config
     dt = c.dtype
-    q_BxTxHxE = jnp.einsum("btd,dhe->bthe", x_BxTxD, self.wq.astype(dt))
-    k_BxTxKxE = jnp.einsum("btd,dke->btke", x_BxTxD, self.wk.astype(dt))
-    v_BxTxKxE = jnp.einsum("btd,dke->btke", x_BxTxD, self.wv.astype(dt))
+    q_BxTxHxE = dense(x_BxTxD, self.wq.astype(dt))
+    k_BxTxKxE = dense(x_BxTxD, self.wk.astype(dt))
+    v_BxTxKxE = dense(x_BxTxD, self.wv.astype(dt))
     if c.qkv_bias:
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (q_BxTxHxE + self.bq.astype(dt), k_BxTxKxE + self.bk.astype(dt),
                                          v_BxTxKxE + self.bv.astype(dt))
@@ -187,7 +198,7 @@ class Attention(nn.Module):
       v_BxKxSxE = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxE.astype(v_cache.dtype), (0, 0, index, 0))
       cache = (k_BxKxSxE, v_BxKxSxE)
     out_BxTxHxE = attend(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS)
-    out_BxTxD = jnp.einsum("bthe,hed->btd", out_BxTxHxE, self.wo.astype(dt))
+    out_BxTxD = dense(out_BxTxHxE, self.wo.astype(dt), n_in=2)
     if c.o_bias:
       out_BxTxD = out_BxTxD + self.bo.astype(dt)
     return out_BxTxD, cache
@@ -207,9 +218,9 @@ class Mlp(nn.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.config.dtype
-    gate_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_gate.astype(dt))
-    up_BxTxF = jnp.einsum("btd,df->btf", x_BxTxD, self.w_up.astype(dt))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down.astype(dt))
+    gate_BxTxF = dense(x_BxTxD, self.w_gate.astype(dt))
+    up_BxTxF = dense(x_BxTxD, self.w_up.astype(dt))
+    return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down.astype(dt))
 
 
 class Block(nn.Module):

@@ -5,6 +5,7 @@ hung or crashing verifier scores 0 and is counted in the result (`verifier_timeo
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Callable, Sequence
@@ -120,3 +121,44 @@ def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable 
     result.update(greedy=float(g.mean()), greedy_ci95=list(wilson_interval(float(g.sum()), len(problems))),
                   greedy_len=float(np.mean(lengths)), greedy_examples=texts[:3])
   return result
+
+
+def answer_probe(config: ModelConfig, params, tokenizer, problems, extract: Callable[[str], str | None],
+                 sampling: SamplingConfig, samples: int = 8, seed: int = 0, batch_size: int = 128) -> dict:
+  """What a policy answers, and how sure it is: `samples` completions per problem at `sampling`.
+
+  Returns distinct_per_problem (mean number of distinct extracted answers among a problem's samples),
+  distinct_overall (over all samples), top3_share (fraction of samples whose answer is one of the 3 most common
+  overall; near 1 when the policy answers a few fixed numbers whatever the prompt), no_answer (fraction with
+  none), and self_certainty / entropy: nats per sampled token at the sampling temperature, averaged per sample.
+  """
+  sampled = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids or tuple(tokenizer.stop_ids),
+                                pad_id=tokenizer.pad_id)
+  prompts = [p.prompt for p in problems for _ in range(samples)]
+  batch_size = min(batch_size, bucket_length(len(prompts), "pow2"))
+  answers, sc, ent = [], [], []
+  for i, start in enumerate(range(0, len(prompts), batch_size)):
+    chunk = prompts[start:start + batch_size]
+    n = len(chunk)
+    chunk += [chunk[-1]] * (batch_size - n)
+    tokens, valid = pad_prompts([tokenizer.encode(p, add_bos=True) for p in chunk], tokenizer.pad_id)
+    out = sample(config, params, tokens, valid, jax.random.fold_in(jax.random.key(seed), i), sampled)
+    toks, mask, sc_BxN, ent_BxN = jax.device_get((out.tokens_BxN, out.mask_BxN, out.self_certainty_BxN,
+                                                 out.entropy_BxN))
+    per_token = lambda x_BxN: (x_BxN * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    answers += [extract(decode_completion(tokenizer, toks[r][mask[r]])) for r in range(n)]
+    sc += per_token(sc_BxN)[:n].tolist()
+    ent += per_token(ent_BxN)[:n].tolist()
+  return {"problems": len(problems), "samples": samples, **answer_stats(answers, samples),
+          "self_certainty": float(np.mean(sc)), "entropy": float(np.mean(ent))}
+
+
+def answer_stats(answers: Sequence[str | None], samples: int) -> dict:
+  """Diversity of extracted answers, `samples` consecutive ones per problem (None: no answer); see `answer_probe`."""
+  counts = collections.Counter(a for a in answers if a is not None)
+  groups = [answers[i:i + samples] for i in range(0, len(answers), samples)]
+  return {"distinct_per_problem": float(np.mean([len({a for a in g if a is not None}) for g in groups])),
+          "distinct_overall": len(counts),
+          "top3_share": sum(c for _, c in counts.most_common(3)) / len(answers),
+          "top3": [a for a, _ in counts.most_common(3)],
+          "no_answer": sum(a is None for a in answers) / len(answers)}
