@@ -66,6 +66,17 @@ def table(rows: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def probe_table(probes: dict[str, dict]) -> str:
+  """A markdown table of `evaluate.answer_probe` results: what each model answers and how sure it is."""
+  some = next(iter(probes.values()))
+  lines = [f"| model ({some['problems']} problems x {some['samples']} samples) | distinct answers / problem | "
+           "distinct overall | top-3 share | top-3 answers | self-certainty | entropy |", "|---|---|---|---|---|---|---|"]
+  for name, p in probes.items():
+    lines.append(f"| {name} | {p['distinct_per_problem']:.2f} | {p['distinct_overall']} | {p['top3_share']:.2f} | "
+                 f"{', '.join(p['top3'])} | {p['self_certainty']:.3f} | {p['entropy']:.3f} |")
+  return "\n".join(lines)
+
+
 def compact(result: dict) -> dict:
   keep = ("pass1", "pass1_ci95", "greedy", "greedy_ci95", "mean_len", "n")
   return {k: result[k] for k in keep if k in result}

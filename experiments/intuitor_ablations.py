@@ -41,7 +41,7 @@ from exrl.tasks import get_task
 from exrl.train.evaluate import evaluate, wilson_interval
 from exrl.train.metrics import read_jsonl
 from exrl.train.plot import plot_runs
-from exrl.train.rl_loop import train_rl
+from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import train_sft
 
 ARMS = {  # name: (reward, annotator, kl_beta or None for the default, lr scale, steps scale)
@@ -75,6 +75,15 @@ class Config:
       raise ValueError(f"unknown arms {bad}; valid: {sorted(ARMS)}")
 
 
+def arm_rl(rl: RLConfig, arm: str) -> RLConfig:
+  """`rl` with arm `arm`'s reward, annotator and KL, and its learning-rate and step scales (`ARMS`)."""
+  reward, annotator, beta, lr_scale, steps_scale = ARMS[arm]
+  return dataclasses.replace(rl, reward=reward, sc_annotator=annotator, steps=rl.steps * steps_scale,
+                             checkpoint_every=rl.checkpoint_every * steps_scale,
+                             optim=dataclasses.replace(rl.optim, lr=rl.optim.lr * lr_scale),
+                             loss=dataclasses.replace(rl.loss, kl_beta=rl.loss.kl_beta if beta is None else beta))
+
+
 def _eval(model_config, params, tokenizer, task, problems, cfg: quickstart.Config, seed: int) -> dict:
   ev = evaluate(model_config, params, tokenizer, problems, task.verify, dataclasses.replace(cfg.rl.eval, seed=seed + 1))
   return common.compact(ev)
@@ -94,12 +103,7 @@ def run_seed(cfg: Config, seed: int) -> dict:
   out = {"base": {"in": _eval(model_config, base, tokenizer, task, in_problems, qs, seed),
                   "ood": _eval(model_config, base, tokenizer, ood_task, ood_problems, qs, seed)}}
   for arm in cfg.arms:
-    reward, annotator, beta, lr_scale, steps_scale = ARMS[arm]
-    rl = quickstart.rl_config(qs, arm, reward)
-    rl = dataclasses.replace(rl, sc_annotator=annotator, steps=rl.steps * steps_scale,
-                             checkpoint_every=rl.checkpoint_every * steps_scale,
-                             optim=dataclasses.replace(rl.optim, lr=rl.optim.lr * lr_scale),
-                             loss=dataclasses.replace(rl.loss, kl_beta=rl.loss.kl_beta if beta is None else beta))
+    rl = arm_rl(quickstart.rl_config(qs, arm, ARMS[arm][0]), arm)
     print(f"[ablations] seed {seed}: arm {arm}", flush=True)
     state, ev = train_rl(rl, model_config, base, tokenizer, TaskSource(task, seed=seed), eval_problems=in_problems,
                          verify=task.verify)

@@ -35,7 +35,7 @@ import scipy.stats
 import tyro
 
 from experiments import common
-from experiments.intuitor_ablations import ARMS, CURVES
+from experiments.intuitor_ablations import ARMS, CURVES, arm_rl
 from exrl import cli
 from exrl.curriculum.source import TaskSource
 from exrl.rl.losses import LossConfig
@@ -49,10 +49,12 @@ from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
 from exrl.train.state import OptimConfig
 
-SFT_MIX = (("chain_sum", {"num_terms": 3, "ops": "+-"}), ("chain_sum", {"num_terms": 4, "ops": "+-"}),
-           ("chain_sum", {"num_terms": 5, "ops": "+-"}), ("digit_sum", {"digits": 3}), ("digit_sum", {"digits": 4}))
-IN_DOMAIN = ("chain_sum", {"num_terms": 4, "ops": "+-"})
-OOD = {"digit_sum": ("digit_sum", {"digits": 4}), "chain5": ("chain_sum", {"num_terms": 5, "ops": "+-"})}
+SFT_MIX = (("chain_sum", {"num_terms": 3, "digits": 2, "ops": "+-"}), ("chain_sum", {"num_terms": 4, "digits": 2, "ops": "+-"}),
+           ("chain_sum", {"num_terms": 5, "digits": 2, "ops": "+-"}), ("chain_sum", {"num_terms": 3, "digits": 3, "ops": "+-"}),
+           ("digit_sum", {"digits": 6}))
+IN_DOMAIN = ("chain_sum", {"num_terms": 4, "digits": 2, "ops": "+-"})
+OOD = {"chain5": ("chain_sum", {"num_terms": 5, "digits": 2, "ops": "+-"}),
+       "3digit": ("chain_sum", {"num_terms": 3, "digits": 3, "ops": "+-"})}
 SPLITS = ("in", *OOD)
 
 
@@ -63,13 +65,13 @@ class Config:
   arms: tuple[str, ...] = ("grpo", "intuitor", "entropy", "majority", "noise")
   model: common.TinyModel = common.TinyModel()
   sft_examples_per_family: int = 8000
-  sft: SFTConfig = SFTConfig(steps=1200, batch_size=64, max_len=64, checkpoint_every=600,
+  sft: SFTConfig = SFTConfig(steps=1200, batch_size=64, max_len=96, checkpoint_every=600,
                              optim=OptimConfig(lr=1e-3, warmup_frac=0.05, min_lr_ratio=0.1))
   rl: RLConfig = RLConfig(
       steps=60, prompts_per_step=32, group_size=8, checkpoint_every=30,
-      sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), loss=LossConfig(kl_beta=0.005),
+      sampling=SamplingConfig(max_new_tokens=64, temperature=1.0), loss=LossConfig(kl_beta=0.005),
       optim=OptimConfig(lr=1e-5, warmup_frac=0.1, min_lr_ratio=0.1),
-      eval=EvalConfig(batch_size=256, sampling=SamplingConfig(max_new_tokens=48, temperature=1.0)))
+      eval=EvalConfig(batch_size=256, sampling=SamplingConfig(max_new_tokens=64, temperature=1.0)))
   eval_problems: int = 300
   probe_problems: int = 64
   probe_samples: int = 8
@@ -88,18 +90,6 @@ class Config:
 def _task(spec):
   name, kw = spec
   return get_task(name, **kw)
-
-
-def arm_config(cfg: Config, arm: str, seed: int, run_dir: Path) -> RLConfig:
-  """The shared RL config with arm `arm`'s reward, annotator, KL and lr/steps scales (intuitor_ablations.ARMS)."""
-  reward, annotator, beta, lr_scale, steps_scale = ARMS[arm]
-  rl = cfg.rl
-  return dataclasses.replace(
-      rl, run_dir=str(run_dir / arm), reward=reward, seed=seed, sc_annotator=annotator,
-      steps=rl.steps * steps_scale, checkpoint_every=rl.checkpoint_every * steps_scale,
-      optim=dataclasses.replace(rl.optim, lr=rl.optim.lr * lr_scale),
-      loss=dataclasses.replace(rl.loss, kl_beta=rl.loss.kl_beta if beta is None else beta),
-      eval=dataclasses.replace(rl.eval, seed=seed + 1))
 
 
 def _assess(cfg: Config, model_config, params, tokenizer, problems: dict, seed: int) -> dict:
@@ -136,8 +126,9 @@ def run_seed(cfg: Config, seed: int, tokenizer) -> dict:
     else:
       print(f"[regime] seed {seed}: RL arm {name!r} (reward={ARMS[name][0]})", flush=True)
       t0 = time.time()
-      state, _ = train_rl(arm_config(cfg, name, seed, run_dir), model_config, base, tokenizer,
-                          TaskSource(in_task, seed=seed))
+      rl = dataclasses.replace(cfg.rl, run_dir=str(run_dir / name), seed=seed,
+                               eval=dataclasses.replace(cfg.rl.eval, seed=seed + 1))
+      state, _ = train_rl(arm_rl(rl, name), model_config, base, tokenizer, TaskSource(in_task, seed=seed))
       rows = read_jsonl(run_dir / name / "metrics.jsonl")
       mean = lambda rs, k: float(np.mean([r["metrics"][k] for r in rs]))
       result = {"train_last10": {k: mean(rows[-10:], k) for k in ("accuracy", "self_certainty_reward",
@@ -167,9 +158,9 @@ def summarise(per_seed: list[dict], names: list[str]) -> dict:
         s[f"{split}_{key}"] = {"mean": hits / n, "ci95": list(wilson_interval(hits, n)), "n": n,
                                "per_seed": [c[key] for c in cells]}
       d = np.array([r[name][split]["pass1"] - r["base"][split]["pass1"] for r in per_seed])
-      half = (scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-      s[f"{split}_pass1_minus_base"] = {"mean": float(d.mean()), "ci95": [float(d.mean() - half),
-                                                                         float(d.mean() + half)]}
+      half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else None
+      s[f"{split}_pass1_minus_base"] = {"mean": float(d.mean()), "ci95": None if half is None else
+                                        [float(d.mean() - half), float(d.mean() + half)]}
     for k in ("self_certainty", "entropy", "distinct_per_problem", "top3_share"):
       s[f"probe_{k}"] = float(np.mean([r[name]["probe"][k] for r in per_seed]))
     s["len_in"] = float(np.mean([r[name]["in"]["mean_len"] for r in per_seed]))
@@ -182,21 +173,21 @@ def summarise(per_seed: list[dict], names: list[str]) -> dict:
 
 def tables(summary: dict, per_seed: list[dict], seeds) -> str:
   f = lambda d: f"{d['mean']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}]"
-  fd = lambda d: f"{d['mean']:+.3f}" + ("" if np.isnan(d["ci95"][0]) else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
-  lines = ["| model | in-domain pass@1 | in-domain greedy | digit_sum pass@1 | chain5 pass@1 | len | SC | "
+  fd = lambda d: f"{d['mean']:+.3f}" + ("" if d["ci95"] is None else f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]")
+  lines = ["| model | in-domain pass@1 | in-domain greedy | chain5 pass@1 | 3digit pass@1 | len | SC | "
            "distinct / problem | top-3 share |", "|---|---|---|---|---|---|---|---|---|"]
   for name, s in summary.items():
-    lines.append(f"| {name} | {f(s['in_pass1'])} | {f(s['in_greedy'])} | {f(s['digit_sum_pass1'])} | "
-                 f"{f(s['chain5_pass1'])} | {s['len_in']:.1f} | {s['probe_self_certainty']:.2f} | "
+    lines.append(f"| {name} | {f(s['in_pass1'])} | {f(s['in_greedy'])} | {f(s['chain5_pass1'])} | "
+                 f"{f(s['3digit_pass1'])} | {s['len_in']:.1f} | {s['probe_self_certainty']:.2f} | "
                  f"{s['probe_distinct_per_problem']:.2f} | {s['probe_top3_share']:.2f} |")
   lines += ["", "pass@1 minus the base's, paired by seed (mean, 95% t-interval over seeds):", "",
-            "| model | in-domain | digit_sum | chain5 | sc_acc_corr (first 10 steps) | KL (last 10) |",
+            "| model | in-domain | chain5 | 3digit | sc_acc_corr (first 10 steps) | KL (last 10) |",
             "|---|---|---|---|---|---|"]
   for name, s in summary.items():
     if name != "base":
-      lines.append(f"| {name} | {fd(s['in_pass1_minus_base'])} | {fd(s['digit_sum_pass1_minus_base'])} | "
-                   f"{fd(s['chain5_pass1_minus_base'])} | {s['sc_acc_corr_first10']:+.2f} | {s['kl_last10']:.3f} |")
-  lines += ["", "Per seed, pass@1 in-domain / digit_sum / chain5:", "", "| model | " + " | ".join(
+      lines.append(f"| {name} | {fd(s['in_pass1_minus_base'])} | {fd(s['chain5_pass1_minus_base'])} | "
+                   f"{fd(s['3digit_pass1_minus_base'])} | {s['sc_acc_corr_first10']:+.2f} | {s['kl_last10']:.3f} |")
+  lines += ["", "Per seed, pass@1 in-domain / chain5 / 3digit:", "", "| model | " + " | ".join(
       f"seed {s}" for s in seeds) + " |", "|---|" + "---|" * len(seeds)]
   for name in summary:
     lines.append(f"| {name} | " + " | ".join(

@@ -32,7 +32,8 @@ from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
-from exrl.train.evaluate import EvalConfig, evaluate
+from exrl.tasks.math_data import extract_answer
+from exrl.train.evaluate import EvalConfig, answer_probe, evaluate
 from exrl.train.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
@@ -58,6 +59,7 @@ class Config:
       advantage=AdvantageConfig(mode="grpo"), optim=OptimConfig(lr=1e-4, warmup_frac=0.1, min_lr_ratio=0.1),
       eval=EvalConfig(batch_size=250, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0)))
   eval_problems: int = 500
+  probe_problems: int = 64  # what each model answers: 8 samples on each of these held-out problems
 
 
 def task_for(cfg: Config):
@@ -90,18 +92,23 @@ def main(cfg: Config) -> dict:
   base = train_sft(sft, model_config, params, tokenizer, common.sft_pairs(task, cfg.sft_examples, cfg.seed)).params
   print("[quickstart] 2/4 evaluating the SFT base", flush=True)
   results = {"base": evaluate(model_config, base, tokenizer, eval_problems, task.verify, eval_cfg)}
+  params_of = {"base": base}
 
   arms = {"grpo": "verifier", "intuitor": "self_certainty"}
   for i, (name, reward) in enumerate(arms.items()):
     print(f"[quickstart] {3 + i}/4 RL arm {name!r} (reward={reward})", flush=True)
-    _, results[name] = train_rl(rl_config(cfg, name, reward), model_config, base, tokenizer,
-                                TaskSource(task, seed=cfg.seed), eval_problems=eval_problems, verify=task.verify)
+    state, results[name] = train_rl(rl_config(cfg, name, reward), model_config, base, tokenizer,
+                                    TaskSource(task, seed=cfg.seed), eval_problems=eval_problems, verify=task.verify)
+    params_of[name] = state.params
 
+  probes = {name: answer_probe(model_config, params_of[name], tokenizer, eval_problems[:cfg.probe_problems],
+                               extract_answer, cfg.rl.sampling, samples=8, seed=cfg.seed + 2) for name in results}
   print("\n" + common.table(results), flush=True)
+  print("\n" + common.probe_table(probes), flush=True)
   plot_runs({name: run_dir / name for name in arms},
             ["accuracy", "reward_mean", "self_certainty_reward", "response_len", "kl", "entropy"],
             run_dir / "curves.png")
-  out = {name: common.compact(r) for name, r in results.items()}
+  out = {name: {**common.compact(r), "probe": probes[name]} for name, r in results.items()}
   out.update(runtime_s=round(time.time() - t0, 1), seed=cfg.seed, eval_problems=len(eval_problems),
              task=str(task), curves=str(run_dir / "curves.png"))
   common.write_result(run_dir, out)
