@@ -6,14 +6,16 @@ a paper-like relative learning rate, and evaluation in domain and on families RL
 
 Per seed:
   1. the base: a tiny Qwen2-style decoder SFT-trained for `sft.steps` on a broad mix of scratchpad arithmetic
-     (`SFT_MIX`: chains of 3-5 one-digit terms with + and -, written as running totals, and digit sums of 3-4
-     digit numbers), so it has written multi-step reasoning that sampling at T=1 gets wrong more often than greedy;
+     (`SFT_MIX`: chains of 3-5 two-digit terms with + and -, written as running totals, "47+15-92=" ->
+     "47+15=62,62-92=-30. answer: -30"; 3-term chains of three-digit numbers; digit sums of 6-digit numbers),
+     so it has written multi-step reasoning that sampling at T=1 gets wrong more often than greedy decoding;
   2. RL arms (`--arms`, names from experiments.intuitor_ablations.ARMS) on the in-domain family only (4-term
-     chains), at lr `rl.optim.lr` = 1/100 of the SFT peak rate (the paper: 3e-6 on a 3B model pretrained near
-     3e-4), 32 prompts x 8 samples per step, KL beta 0.005, T = 1;
+     two-digit chains), at lr `rl.optim.lr` = 1/100 of the SFT peak rate (the paper: 3e-6 on a 3B model
+     pretrained near 3e-4), 32 prompts x 8 samples per step (the paper: 128 x 7), 60 steps (the paper: 58),
+     KL beta 0.005, T = 1;
   3. every model on held-out problems of the in-domain family and of two families RL never trains on but the
-     base knows from SFT (as the paper's code benchmarks are known to Qwen from pretraining): digit sums and
-     5-term chains; pass@1 at T=1 and greedy, 95% Wilson intervals;
+     base knows from SFT (as the paper's code benchmarks are known to Qwen from pretraining): 5-term chains
+     (longer) and 3-digit chains (bigger numbers); pass@1 at T=1 and greedy, 95% Wilson intervals;
   4. a probe of what each policy answers (`exrl.train.evaluate.answer_probe`: distinct answers per problem over
      8 samples, the share of the 3 most common answers, self-certainty and entropy per token).
 Across seeds: Wilson intervals on the pooled samples, and each arm's pass@1 minus the base's, paired by seed,
