@@ -10,6 +10,7 @@ Per seed: SFT a tiny model on two-digit addition (the quickstart's base), then r
   intuitor_beta0    online self-certainty with no KL penalty (β=0)
   noise, shuffled   controls: i.i.d. N(0,1) rewards; self-certainty permuted within each group
   intuitor_lr_low   Intuitor at lr/10 for twice the steps (closer to the paper's relative step size)
+  noise_lr_low      the noise control at the same lr/10 for twice the steps
   intuitor_lr3x, noise_lr3x, intuitor_lr10x, noise_lr10x   Intuitor and the noise control at 3x / 10x lr
   entropy, majority other label-free rewards: negative token entropy (RENT), group majority vote (TTRL)
 Each model is evaluated in-domain (held-out two-digit additions) and out-of-domain on a held-out
@@ -55,6 +56,7 @@ ARMS = {  # name: (reward, annotator, kl_beta or None for the default, lr scale,
     "shuffled": ("shuffled", "online", None, 1.0, 1),
     # A paper-like relative step size: lr / 10 for twice the steps.
     "intuitor_lr_low": ("self_certainty", "online", None, 0.1, 2),
+    "noise_lr_low": ("noise", "online", None, 0.1, 2),
     # Learning-rate sweep upwards (experiments.intuitor_regime, whose base rate is 1/100 of SFT's): does
     # self-certainty beat a noise reward at the same step size?
     "intuitor_lr3x": ("self_certainty", "online", None, 3.0, 1),

@@ -9,11 +9,11 @@
 4. evaluates base, GRPO and Intuitor on held-out problems (pass@1 at T=1 and greedy, 95% Wilson CIs),
    prints a table, and writes results.json and PNG learning curves into the run folder.
 
-Runtime: 264 s on 2 idle CPU cores (an older measurement); 1042-3882 s measured while the cores were
-shared with other jobs. Result (jax 0.10.2, seed 0, 500 held-out problems, pass@1 / greedy, 95% CIs):
-  base      0.276 [0.239, 0.317] / 0.454 [0.411, 0.498]
-  grpo      0.316 [0.277, 0.358] / 0.518 [0.474, 0.561]
-  intuitor  0.000 [0.000, 0.008] / 0.000 [0.000, 0.008]   (collapses; see README.md)
+Runtime: 301 s on 2 idle CPU cores. Result (jax 0.10.2, seed 0, 500 held-out problems, pass@1 / greedy, 95% CIs;
+another CPU model can give other numbers, see README.md):
+  base      0.494 [0.450, 0.538] / 0.770 [0.731, 0.805]
+  grpo      0.604 [0.560, 0.646] / 0.836 [0.801, 0.866]
+  intuitor  0.002 [0.000, 0.011] / 0.000 [0.000, 0.008]   (collapses; see README.md)
 The last stdout line is the JSON result, also written to runs/quickstart/results.json.
 """
 from __future__ import annotations
