@@ -15,7 +15,9 @@ carries. Anything else is a bug and keeps its traceback (exit status 1).
 full traceback and leaves logging untouched. Without it, orbax's ERROR log records (a background save
 thread's failure is logged with a traceback per handler) are held back and dropped when the run ends
 with an expected error, and stderr is closed after the one line so interpreter shutdown cannot bury
-it under asyncio / absl noise; on any other exit the held records are printed.
+it under asyncio / absl noise; on any other exit the held records are printed. The same holds for the
+"Event loop is closed" errors that a failed save's late tensorstore callbacks print through `sys.excepthook`
+while the checkpointer shuts down, before the error reaches `run`.
 """
 from __future__ import annotations
 
@@ -147,6 +149,33 @@ class _HoldOrbaxErrors(logging.Filter):
     return True
 
 
+class _HoldClosedLoopErrors:
+  """A `sys.excepthook` that holds "Event loop is closed" errors raised by callbacks from native threads.
+
+  After a failed orbax save, tensorstore futures can complete after orbax has closed its event loop; the
+  native thread then calls `loop.call_soon_threadsafe`, which raises, and the error is printed via
+  `sys.excepthook` (a bare two-frame traceback). Everything else goes straight to the previous hook.
+  """
+
+  def __init__(self, previous):
+    self.previous = previous
+    self.held: list[tuple] = []
+
+  def __call__(self, kind, value, tb) -> None:
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed" and len(self.held) < 200:
+      self.held.append((kind, value, tb))
+      return
+    self.previous(kind, value, tb)
+
+  def release(self, replay: bool) -> None:
+    if sys.excepthook is self:
+      sys.excepthook = self.previous
+    if replay:
+      for exc_info in self.held:
+        self.previous(*exc_info)
+    self.held.clear()
+
+
 def run(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Calls `main_fn(*args, **kwargs)`; an expected user error prints `error: ...` and exits 2."""
   debug = debug_enabled()
@@ -156,19 +185,23 @@ def run(main_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   held = _HoldOrbaxErrors()
   absl_logger = logging.getLogger("absl")  # orbax logs through absl, which logs to this logger
   absl_logger.addFilter(held)
+  loop_errors = sys.excepthook = _HoldClosedLoopErrors(sys.excepthook)
   try:
     out = main_fn(*args, **kwargs)
   except BaseException as e:  # noqa: BLE001 -- classified below; bugs re-raise unchanged
     msg = None if isinstance(e, (KeyboardInterrupt, SystemExit)) else user_error_message(e)
     if msg is None:
       _replay(held, absl_logger)
+      loop_errors.release(replay=True)
       raise
     absl_logger.removeFilter(held)
+    loop_errors.held.clear()  # the hook stays: late callbacks until exit are dropped too
     sys.stdout.flush()
     print(f"error: {msg}  (--debug or EXRL_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
     _silence_stderr()
     sys.exit(EXIT_USER_ERROR)
   _replay(held, absl_logger)
+  loop_errors.release(replay=True)
   return out
 
 

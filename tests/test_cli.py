@@ -58,6 +58,15 @@ def main(case, arg):
     orbax_fake.noisy.log_error()
     atexit.register(lambda: print("Exception ignored in: <Event loop is closed>", file=sys.stderr))
     raise ValueError("bad --data path")
+  if case in ("closed_loop_fail", "closed_loop_ok"):
+    # what a late tensorstore callback does after a failed orbax save: native code calls into a closed
+    # event loop and the error is printed through PyErr_Print -> sys.excepthook
+    import ctypes
+    ctypes.pythonapi.PyRun_SimpleString(b"import asyncio\\nloop = asyncio.new_event_loop()\\nloop.close()\\n"
+                                        b"loop.call_soon_threadsafe(print)\\n")
+    if case == "closed_loop_fail":
+      raise OSError(errno.ENOSPC, "No space left on device", arg)
+    return None
   raise SystemExit("unknown case " + case)
 
 if __name__ == "__main__":
@@ -152,3 +161,12 @@ def test_orbax_log_noise_is_held_back_only_when_the_line_explains_it(tmp_path, c
     assert rc == 2 and "error: bad --data path" in _one_line(err)  # no log record, no atexit noise
   else:
     assert rc == 0 and "Save Finalize thread failed" in err and "background save thread failed" in err
+
+
+@pytest.mark.parametrize("case", ["closed_loop_fail", "closed_loop_ok"])
+def test_closed_event_loop_noise_is_held_back_only_when_the_line_explains_it(tmp_path, case):
+  rc, _, err = _run(tmp_path, case, tmp_path / "ckpt")
+  if case == "closed_loop_fail":
+    assert rc == 2 and "disk full" in _one_line(err)
+  else:  # a run that ends normally shows what it held
+    assert rc == 0 and "RuntimeError: Event loop is closed" in err and "call_soon_threadsafe" in err
