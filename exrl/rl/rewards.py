@@ -44,7 +44,8 @@ def self_certainty_reward(self_certainty_BxT: jax.Array, mask_BxT: jax.Array) ->
   """Intuitor reward float32[B]: mean of per-token self-certainty over response tokens (mask > 0).
 
   self_certainty_BxT: per-token KL(U || p) in nats, `logsumexp(z) - mean(z) - log V`, from
-    `kernels.token_stats(...).self_certainty` at temperature-1 logits.
+    `kernels.token_stats(...).self_certainty` on the sampling temperature's logits z / T (the collectors pass
+    T; verl-intuitor's actor computes it on the same temperature-scaled logits).
   mask_BxT: 1 on response tokens, 0 on prompt and padding (bool or number).
   Rows with an empty mask get 0. Values under the mask are never read, so NaN in padding is harmless. The reward is
   detached: no gradient flows through it.
