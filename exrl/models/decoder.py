@@ -110,19 +110,21 @@ def project(config: ModelConfig, params: dict, hidden_BxTxD: jax.Array) -> jax.A
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, *, per_layer: bool = False) -> dict:
-  """An empty cache: k/v [L, B, K, S, E] in compute dtype and valid_BxS marking filled slots.
+  """An empty cache in compute dtype: k [L, B, K, E, S] (keys transposed), v [L, B, K, S, E], and valid_BxS
+  marking filled slots.
 
   per_layer=True keeps k/v as tuples of L arrays [B, K, S, E]: `decode_step` then unrolls the
   layers and updates each array in place, which avoids per-step cache slicing/copies in a
   decode loop (pair it with `unstack_layers(params)`).
   """
-  shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  v_shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+  k_shape = (batch, config.num_kv_heads, config.head_dim, max_len)  # keys transposed: see modules.attend_cached
   if per_layer:
-    k = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
-    v = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+    k = tuple(jnp.zeros(k_shape, config.dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(v_shape, config.dtype) for _ in range(config.num_layers))
   else:
-    k = jnp.zeros((config.num_layers, *shape), config.dtype)
-    v = jnp.zeros((config.num_layers, *shape), config.dtype)
+    k = jnp.zeros((config.num_layers, *k_shape), config.dtype)
+    v = jnp.zeros((config.num_layers, *v_shape), config.dtype)
   return {"k": k, "v": v, "valid": jnp.zeros((batch, max_len), bool)}
 
 

@@ -21,6 +21,7 @@ G = H // K, E head dim, F mlp width, V vocab, L layers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import flax.linen as nn
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 from exrl.models.config import ModelConfig
 
 _MASK_VALUE = -1e30  # finite, so a fully padded query row averages instead of giving NaN.
-KVCache = tuple  # (k_BxKxSxE, v_BxKxSxE) of one layer, or [L, ...] stacked inside the scan
+KVCache = tuple  # (k_BxKxExS, v_BxKxSxE) of one layer (keys transposed), or [L, ...] stacked inside the scan
 
 
 def dense(x, w, n_in: int = 1) -> jax.Array:
@@ -42,6 +43,21 @@ def dense(x, w, n_in: int = 1) -> jax.Array:
   in_size = math.prod(w.shape[:n_in])
   y = x.reshape(-1, in_size) @ w.reshape(in_size, -1)
   return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
+
+
+def dense_fused(x, ws: list) -> list:
+  """[dense(x, w) for w in ws]; for one decode token (T = 1) as one matmul over the weights joined on their
+  first output axis.
+
+  In a decode loop the join is loop-invariant (XLA hoists it out), and one matmul is cheaper than two or three
+  small ones (each a separate library call on CPU). With more tokens the separate products are kept: the join
+  would be a per-step copy of the weights, and its gradient another.
+  """
+  if x.ndim < 2 or x.shape[-2] != 1 or len(ws) == 1:
+    return [dense(x, w) for w in ws]
+  y = dense(x, jnp.concatenate(ws, axis=1))
+  bounds = list(itertools.accumulate(w.shape[1] for w in ws))[:-1]
+  return jnp.split(y, bounds, axis=x.ndim - 1)
 
 
 def _param(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
@@ -93,25 +109,45 @@ def apply_rope(x_BxTxNxE, rope):
 
 
 def attend(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS):
-  """Softmax attention of H query heads over K shared kv heads; masked keys get no weight."""
+  """Softmax attention of H query heads over K shared kv heads; masked keys get no weight (the no-cache path)."""
   # k/v kv-head-major so the score and value matmuls batch over (B, K) with no transposes.
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxKxSxE.shape[1]
   q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+  scores = jnp.einsum("btkge,bkse->bkgts", q_BxTxKxGxE, k_BxKxSxE,
+                      preferred_element_type=jnp.float32) / math.sqrt(E)
+  return _weigh_values(scores, v_BxKxSxE, allowed_BxTxS)
+
+
+def attend_cached(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, allowed_BxTxS):
+  """`attend` over a KV cache whose keys are stored transposed, [B, K, E, S].
+
+  With S minor, a decode query's scores are a sum of E rows of the cache, which XLA:CPU vectorises along S;
+  with E minor it was a horizontal reduction per slot, the costliest op of a decode step (~1 ms of ~6).
+  """
+  B, T, H, E = q_BxTxHxE.shape
+  K = k_BxKxExS.shape[1]
   if T == 1:
     # One decode query: multiply-and-reduce fuses into a loop; B*K tiny batched matmuls are slow on CPU.
-    q_BxKxGxE = q_BxTxKxGxE[:, 0].astype(jnp.float32)
-    scores = jnp.sum(q_BxKxGxE[:, :, :, None, :] * k_BxKxSxE[:, :, None].astype(jnp.float32), axis=-1)
+    q_BxKxGxE = q_BxTxHxE.reshape(B, K, H // K, E).astype(jnp.float32)
+    scores = jnp.sum(q_BxKxGxE[..., None] * k_BxKxExS[:, :, None].astype(jnp.float32), axis=-2)
     scores = jnp.where(allowed_BxTxS[:, None], scores, _MASK_VALUE) / math.sqrt(E)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.sum(probs[..., None] * v_BxKxSxE[:, :, None].astype(jnp.float32), axis=-2)
     return out.astype(v_BxKxSxE.dtype).reshape(B, 1, H, E)
-  scores = jnp.einsum("btkge,bkse->bkgts", q_BxTxKxGxE, k_BxKxSxE,
-                      preferred_element_type=jnp.float32) / math.sqrt(E)
-  scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASK_VALUE)
+  # A prefill, once per sample call: in float32, since XLA:CPU's dot for this layout has no bf16 x bf16 -> f32 kernel.
+  scores = jnp.einsum("btkge,bkes->bkgts", q_BxTxHxE.reshape(B, T, K, H // K, E).astype(jnp.float32),
+                      k_BxKxExS.astype(jnp.float32)) / math.sqrt(E)
+  return _weigh_values(scores, v_BxKxSxE, allowed_BxTxS)
+
+
+def _weigh_values(scores_BxKxGxTxS, v_BxKxSxE, allowed_BxTxS):
+  """softmax over the allowed keys, then the weighted sum of values -> out_BxTxHxE."""
+  B, K, G, T, _ = scores_BxKxGxTxS.shape
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores_BxKxGxTxS, _MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
   out = jnp.einsum("bkgts,bkse->btkge", probs, v_BxKxSxE)
-  return out.reshape(B, T, H, E)
+  return out.reshape(B, T, K * G, v_BxKxSxE.shape[-1])
 
 
 def default_positions(valid_BxT: jax.Array) -> jax.Array:
@@ -179,25 +215,25 @@ class Attention(nn.Module):
     T new k/v go in at slots [index, index+T) and queries attend over all S slots; without one, over the T tokens."""
     c = self.config
     dt = c.dtype
-    q_BxTxHxE = dense(x_BxTxD, self.wq.astype(dt))
-    k_BxTxKxE = dense(x_BxTxD, self.wk.astype(dt))
-    v_BxTxKxE = dense(x_BxTxD, self.wv.astype(dt))
+    q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = dense_fused(x_BxTxD, [self.wq.astype(dt), self.wk.astype(dt),
+                                                           self.wv.astype(dt)])
     if c.qkv_bias:
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (q_BxTxHxE + self.bq.astype(dt), k_BxTxKxE + self.bk.astype(dt),
                                          v_BxTxKxE + self.bv.astype(dt))
     if c.qk_norm:
       q_BxTxHxE, k_BxTxKxE = self.norm_q(q_BxTxHxE), self.norm_k(k_BxTxKxE)
     q_BxTxHxE = apply_rope(q_BxTxHxE, rope)
-    k_BxKxTxE = apply_rope(k_BxTxKxE, rope).transpose(0, 2, 1, 3)
+    k_BxTxKxE = apply_rope(k_BxTxKxE, rope)
     v_BxKxTxE = v_BxTxKxE.transpose(0, 2, 1, 3)
     if cache is None:
-      k_BxKxSxE, v_BxKxSxE = k_BxKxTxE, v_BxKxTxE
+      out_BxTxHxE = attend(q_BxTxHxE, k_BxTxKxE.transpose(0, 2, 1, 3), v_BxKxTxE, allowed_BxTxS)
     else:
       k_cache, v_cache = cache
-      k_BxKxSxE = jax.lax.dynamic_update_slice(k_cache, k_BxKxTxE.astype(k_cache.dtype), (0, 0, index, 0))
+      k_new = k_BxTxKxE.transpose(0, 2, 3, 1).astype(k_cache.dtype)
+      k_BxKxExS = jax.lax.dynamic_update_slice(k_cache, k_new, (0, 0, 0, index))
       v_BxKxSxE = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxE.astype(v_cache.dtype), (0, 0, index, 0))
-      cache = (k_BxKxSxE, v_BxKxSxE)
-    out_BxTxHxE = attend(q_BxTxHxE, k_BxKxSxE, v_BxKxSxE, allowed_BxTxS)
+      cache = (k_BxKxExS, v_BxKxSxE)
+      out_BxTxHxE = attend_cached(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, allowed_BxTxS)
     out_BxTxD = dense(out_BxTxHxE, self.wo.astype(dt), n_in=2)
     if c.o_bias:
       out_BxTxD = out_BxTxD + self.bo.astype(dt)
@@ -218,8 +254,7 @@ class Mlp(nn.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.config.dtype
-    gate_BxTxF = dense(x_BxTxD, self.w_gate.astype(dt))
-    up_BxTxF = dense(x_BxTxD, self.w_up.astype(dt))
+    gate_BxTxF, up_BxTxF = dense_fused(x_BxTxD, [self.w_gate.astype(dt), self.w_up.astype(dt)])
     return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down.astype(dt))
 
 

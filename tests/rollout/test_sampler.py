@@ -1,4 +1,6 @@
 """Sampler tests: log-probs vs a fresh no-cache forward pass, stops, top-k/top-p draws vs numpy, keys, compiles."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -199,7 +201,8 @@ def test_bad_input_errors(params):
     sampler.pad_prompts([], pad_id=0)
   for bad, pattern in [(dict(top_p=0.0), r"top_p=0.0.*\(0, 1\]"), (dict(top_p=1.5), r"top_p=1.5"),
                        (dict(temperature=0.0), r"temperature=0.0.*greedy=True"), (dict(top_k=-1), "top_k=-1"),
-                       (dict(max_new_tokens=0), "max_new_tokens=0")]:
+                       (dict(max_new_tokens=0), "max_new_tokens=0"),
+                       (dict(head_dtype="float16"), r"head_dtype='float16'.*'bfloat16'")]:
     with pytest.raises(ValueError, match=pattern):
       SamplingConfig(**bad)
 
@@ -233,3 +236,22 @@ def test_top_k_stays_on_the_topk_kernel():
   assert not re.findall(r"\bsort\(", hlo)
   if jax.default_backend() == "cpu":
     assert re.findall(r'custom_call_target="[^"]*[Tt]op[Kk]', hlo)
+
+
+def test_bf16_head_is_the_rounded_head(params):
+  """head_dtype="bfloat16": the sampler's log-probs are those of a fresh fp32 forward whose LM head (and final
+  hidden state) are rounded to bf16, and they differ from the fp32 head's by about that rounding."""
+  tokens, valid = _batch()
+  sampling = dataclasses.replace(TEMPERED, head_dtype="bfloat16")
+  out = sampler.sample(CONFIG, params, tokens, valid, jax.random.key(1), sampling)
+  h = decoder.hidden_states(CONFIG, params, out.seq_tokens_BxS, out.seq_valid_BxS, out.seq_positions_BxS)
+  round_ = lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  logits = round_(h) @ round_(decoder.unembed_matrix(CONFIG, params))
+  z = logits[:, -N - 1:-1] / TEMPERED.temperature
+  logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+  want = np.take_along_axis(logp, np.asarray(out.tokens_BxN)[..., None], -1)[..., 0]
+  mask = np.asarray(out.mask_BxN)
+  np.testing.assert_allclose(np.asarray(out.logp_BxN)[mask], want[mask], atol=2e-4)
+  fp32, _ = _fresh_logp(params, out, TEMPERED.temperature)
+  gap = np.abs(fp32[mask] - want[mask]).max()
+  assert 1e-3 < gap < 0.1, gap  # the rounding is visible (7e-3 here), and small
