@@ -223,20 +223,24 @@ def choose_tokens_with_stats(logits_BxV: jax.Array, key: jax.Array, sampling: Sa
 TRACE_COUNT = [0]  # bumped each time `generate` is traced; tests use it to check compile caching.
 
 
-def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt_tokens_BxP: jax.Array,
-             prompt_valid_BxP: jax.Array, key: jax.Array) -> SampleOutput:
-  """The traceable sampler (no input checks; `sample` is the checked, jitted entry point)."""
+def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt_tokens_UxP: jax.Array,
+             prompt_valid_UxP: jax.Array, key: jax.Array, num_samples: int = 1) -> SampleOutput:
+  """The traceable sampler (no input checks; `sample` is the checked, jitted entry point).
+
+  Each of the U prompts is prefilled once and sampled `num_samples` times: B = U * num_samples output rows,
+  a prompt's samples adjacent (row b is prompt b // num_samples).
+  """
   TRACE_COUNT[0] += 1
-  B, P = prompt_tokens_BxP.shape
-  N = sampling.max_new_tokens
-  prompt_tokens_BxP = prompt_tokens_BxP.astype(jnp.int32)
-  prompt_valid_BxP = prompt_valid_BxP.astype(bool)
+  U, P = prompt_tokens_UxP.shape
+  B, N = U * num_samples, sampling.max_new_tokens
   # Unstack once, outside the loop, so no decode step slices (copies) layer weights or the cache.
   params = decoder.unstack_layers(params)
-  cache = decoder.init_cache(config, B, P + N, per_layer=True)
-  out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_BxP, prompt_valid_BxP, key, N,
-                                 jnp.zeros((B,), bool))
+  cache = decoder.init_cache(config, U, P + N, per_layer=True)
+  out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_UxP.astype(jnp.int32),
+                                 prompt_valid_UxP.astype(bool), key, N, jnp.zeros((B,), bool), num_samples)
   tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out
+  prompt_tokens_BxP = jnp.repeat(prompt_tokens_UxP.astype(jnp.int32), num_samples, axis=0)
+  prompt_valid_BxP = jnp.repeat(prompt_valid_UxP.astype(bool), num_samples, axis=0)
   seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
   return SampleOutput(
       tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
@@ -247,30 +251,34 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
 
 
 def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: dict, cache: dict,
-                       prefix_tokens_BxQ: jax.Array, prefix_valid_BxQ: jax.Array, key: jax.Array, num_new: int,
-                       done_B: jax.Array):
+                       prefix_tokens_UxQ: jax.Array, prefix_valid_UxQ: jax.Array, key: jax.Array, num_new: int,
+                       done_B: jax.Array, num_samples: int = 1):
   """Prefill a left-padded prefix at cache slots [0, Q), then sample up to `num_new` tokens at slots Q, Q+1, ...
 
-  params: from `decoder.unstack_layers`; cache: `init_cache(per_layer=True)` with at least Q + num_new slots.
-  Slots past the prefix are only ever seen after they are written, so a cache can be reused without clearing.
-  Rows with done_B already True emit nothing (pad, mask False). Token t is drawn with fold_in(key, t).
-  Returns ((tokens, mask, logp, self_certainty, entropy), each [B, num_new]; cache; done_B).
+  params: from `decoder.unstack_layers`; cache: `init_cache(per_layer=True)` for the U prefixes, with at least
+  Q + num_new slots. Slots past the prefix are only ever seen after they are written, so a cache can be reused
+  without clearing. Each prefix is prefilled once, then its cache is repeated for `num_samples` rows
+  (B = U * num_samples, adjacent). Rows with done_B already True emit nothing (pad, mask False). Token t is
+  drawn with fold_in(key, t). Returns ((tokens, mask, logp, self_certainty, entropy), each [B, num_new]; the
+  [B]-row cache; done_B).
   """
-  B, Q = prefix_tokens_BxQ.shape
-  N = num_new
+  U, Q = prefix_tokens_UxQ.shape
+  B, N = U * num_samples, num_new
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
   stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
-  prefix_len_B = jnp.sum(prefix_valid_BxQ, axis=1, dtype=jnp.int32)
 
   # Prefill: the whole prefix in one pass; the last slot (always valid when left-padded) predicts token 0.
-  h_BxQxD, cache = decoder.decode_step(config, params, prefix_tokens_BxQ,
-                                       decoder.default_positions(prefix_valid_BxQ), prefix_valid_BxQ, cache, 0)
+  h_UxQxD, cache = decoder.decode_step(config, params, prefix_tokens_UxQ,
+                                       decoder.default_positions(prefix_valid_UxQ), prefix_valid_UxQ, cache, 0)
+  rows = lambda x: x if num_samples == 1 else jnp.repeat(x, num_samples, axis=0)
+  cache = jax.tree.map(rows, cache)
+  h_Bx1xD, prefix_len_B = rows(h_UxQxD[:, -1:]), rows(jnp.sum(prefix_valid_UxQ, axis=1, dtype=jnp.int32))
   # The LM head transposed once, outside the loop (a tied embedding is stored VxD).
   head_dtype = sampling.head_dtype or config.dtype
   w_DxV = decoder.unembed_matrix(config, params).astype(head_dtype)
   project = lambda h_BxD: jnp.einsum("bd,dv->bv", h_BxD.astype(head_dtype), w_DxV,
                                      preferred_element_type=jnp.float32)
-  logits_BxV = project(h_BxQxD[:, -1])
+  logits_BxV = project(h_Bx1xD[:, 0])
 
   def emit(t, choice, done_B, out):
     """Write step t's choice (pad / 0 for finished rows) into `out` and update the done flags.
@@ -307,7 +315,7 @@ def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: di
   return out, cache, done_B
 
 
-_generate_jit = jax.jit(generate, static_argnames=("config", "sampling"))
+_generate_jit = jax.jit(generate, static_argnames=("config", "sampling", "num_samples"))
 
 
 def check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig) -> None:
@@ -344,12 +352,17 @@ def check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig) -
                      f"[{tokens[valid].min()}, {tokens[valid].max()}]")
 
 
-def sample(config: ModelConfig, params: dict, prompt_tokens_BxP, prompt_valid_BxP, key: jax.Array,
-           sampling: SamplingConfig = SamplingConfig()) -> SampleOutput:
-  """Sample completions for left-padded prompts (see `pad_prompts`); jitted per shape bucket.
+def sample(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_UxP, key: jax.Array,
+           sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1) -> SampleOutput:
+  """Sample `num_samples` completions of each left-padded prompt (see `pad_prompts`); jitted per shape bucket.
 
-  prompt_tokens_BxP int, prompt_valid_BxP bool (False on the left padding). Deterministic in `key`.
-  Raises ValueError on bad input (empty batch, right padding, too-long prompts, ...).
+  prompt_tokens_UxP int, prompt_valid_UxP bool (False on the left padding). The output has U * num_samples
+  rows, a prompt's samples adjacent; each prompt is prefilled once (a GRPO group shares its prompt's cache), and
+  the result equals sampling the prompts repeated row by row. Deterministic in `key`.
+  Raises ValueError on bad input (empty batch, right padding, too-long prompts, num_samples < 1, ...).
   """
-  check_inputs(config, prompt_tokens_BxP, prompt_valid_BxP, sampling)
-  return _generate_jit(config, sampling, params, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_valid_BxP), key)
+  if not isinstance(num_samples, int) or num_samples < 1:
+    raise ValueError(f"num_samples={num_samples!r}; must be an int >= 1")
+  check_inputs(config, prompt_tokens_UxP, prompt_valid_UxP, sampling)
+  return _generate_jit(config, sampling, params, jnp.asarray(prompt_tokens_UxP), jnp.asarray(prompt_valid_UxP), key,
+                       num_samples)

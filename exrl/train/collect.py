@@ -67,12 +67,14 @@ class GroupCollector:
     T = 1.0 if self.sampling.greedy else self.sampling.temperature
     t0 = time.perf_counter()
     rollout_problems = [p for p in problems for _ in range(G)]
-    tokens, valid = pad_prompts([self.encode(p.prompt) for p in rollout_problems], self.tokenizer.pad_id)
-    out = sample(self.model_config, params, tokens, valid, key, self.sampling)
+    # Each prompt is prefilled once and sampled G times (rows of a group adjacent, as in rollout_problems).
+    tokens_UxP, valid_UxP = pad_prompts([self.encode(p.prompt) for p in problems], self.tokenizer.pad_id)
+    out = sample(self.model_config, params, tokens_UxP, valid_UxP, key, self.sampling, num_samples=G)
+    valid = np.repeat(valid_UxP, G, axis=0)
     lengths = np.asarray(jax.device_get(out.lengths_B))  # waits for the sampler: sample_s is real
     t_sample = time.perf_counter()
     # Trim to the longest completion, bucketed, so the update never pays for unused max_new_tokens.
-    P, N = tokens.shape[1], self.sampling.max_new_tokens
+    P, N = tokens_UxP.shape[1], self.sampling.max_new_tokens
     n = min(N, bucket_length(max(int(lengths.max()), 1), TRIM_BUCKET))
     seq = {"tokens": out.seq_tokens_BxS[:, :P + n], "valid": out.seq_valid_BxS[:, :P + n],
            "positions": out.seq_positions_BxS[:, :P + n]}

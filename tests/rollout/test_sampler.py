@@ -255,3 +255,20 @@ def test_bf16_head_is_the_rounded_head(params):
   fp32, _ = _fresh_logp(params, out, TEMPERED.temperature)
   gap = np.abs(fp32[mask] - want[mask]).max()
   assert 1e-3 < gap < 0.1, gap  # the rounding is visible (7e-3 here), and small
+
+
+def test_num_samples_prefills_once_and_equals_repeated_prompts(params):
+  """num_samples=G: each prompt prefilled once, its cache repeated; the same draws as the prompts repeated G times."""
+  tokens, valid = _batch()
+  G = 3
+  got = sampler.sample(CONFIG, params, tokens, valid, jax.random.key(4), TEMPERED, num_samples=G)
+  want = sampler.sample(CONFIG, params, jnp.repeat(tokens, G, 0), jnp.repeat(valid, G, 0), jax.random.key(4), TEMPERED)
+  chex.assert_shape(got.tokens_BxN, (len(PROMPTS) * G, N))
+  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+  for field in ("mask_BxN", "lengths_B", "seq_tokens_BxS", "seq_valid_BxS", "seq_positions_BxS"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+  chex.assert_trees_all_close((got.logp_BxN, got.self_certainty_BxN, got.entropy_BxN),
+                              (want.logp_BxN, want.self_certainty_BxN, want.entropy_BxN), atol=1e-5)
+  assert len({tuple(r) for r in np.asarray(got.tokens_BxN)[:G]}) > 1  # a group's samples differ
+  with pytest.raises(ValueError, match=r"num_samples=0; must be an int >= 1"):
+    sampler.sample(CONFIG, params, tokens, valid, jax.random.key(4), TEMPERED, num_samples=0)
