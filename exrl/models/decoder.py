@@ -113,7 +113,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, *, per_layer: bool
   """An empty cache in compute dtype: k [L, B, K, E, S] (keys transposed), v [L, B, K, S, E], and valid_BxS
   marking filled slots.
 
-  per_layer=True keeps k/v as tuples of L arrays [B, K, S, E]: `decode_step` then unrolls the
+  per_layer=True keeps k/v as tuples of L arrays (k [B, K, E, S], v [B, K, S, E]): `decode_step` then unrolls the
   layers and updates each array in place, which avoids per-step cache slicing/copies in a
   decode loop (pair it with `unstack_layers(params)`).
   """

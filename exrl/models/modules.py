@@ -123,7 +123,8 @@ def attend_cached(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, allowed_BxTxS):
   """`attend` over a KV cache whose keys are stored transposed, [B, K, E, S].
 
   With S minor, a decode query's scores are a sum of E rows of the cache, which XLA:CPU vectorises along S;
-  with E minor it was a horizontal reduction per slot, the costliest op of a decode step (~1 ms of ~6).
+  with E minor it was a horizontal reduction per slot (54 -> 20 us per layer at bench_sampler's shapes, in
+  isolation).
   """
   B, T, H, E = q_BxTxHxE.shape
   K = k_BxKxExS.shape[1]
