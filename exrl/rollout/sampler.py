@@ -233,14 +233,15 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   TRACE_COUNT[0] += 1
   U, P = prompt_tokens_UxP.shape
   B, N = U * num_samples, sampling.max_new_tokens
+  prompt_tokens_UxP, prompt_valid_UxP = prompt_tokens_UxP.astype(jnp.int32), prompt_valid_UxP.astype(bool)
   # Unstack once, outside the loop, so no decode step slices (copies) layer weights or the cache.
   params = decoder.unstack_layers(params)
   cache = decoder.init_cache(config, U, P + N, per_layer=True)
-  out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_UxP.astype(jnp.int32),
-                                 prompt_valid_UxP.astype(bool), key, N, jnp.zeros((B,), bool), num_samples)
+  out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_UxP, prompt_valid_UxP, key, N,
+                                 jnp.zeros((B,), bool), num_samples)
   tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out
-  prompt_tokens_BxP = jnp.repeat(prompt_tokens_UxP.astype(jnp.int32), num_samples, axis=0)
-  prompt_valid_BxP = jnp.repeat(prompt_valid_UxP.astype(bool), num_samples, axis=0)
+  prompt_tokens_BxP = jnp.repeat(prompt_tokens_UxP, num_samples, axis=0)
+  prompt_valid_BxP = jnp.repeat(prompt_valid_UxP, num_samples, axis=0)
   seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
   return SampleOutput(
       tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
