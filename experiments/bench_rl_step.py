@@ -43,6 +43,7 @@ class Config:
   group_size: int = 8
   max_new_tokens: int = 32
   kl_beta: float = 0.04
+  pack_width: int = 128  # RLConfig.pack_width: the update on packed bins; 0 trains the padded rows
   compute_dtype: str = "float32"  # bfloat16: mixed precision (fp32 params and optimizer, bf16 matmuls)
   seed: int = 0
 
@@ -83,7 +84,8 @@ def main(cfg: Config) -> dict:
   peak = matmul_peak_flops(dtype=model_config.dtype)
   rl = RLConfig(run_dir=str(run_dir), steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
                 group_size=cfg.group_size, seed=cfg.seed, sampling=SamplingConfig(max_new_tokens=cfg.max_new_tokens),
-                loss=LossConfig(kl_beta=cfg.kl_beta), optim=OptimConfig(lr=1e-5), checkpoint_every=cfg.steps)
+                loss=LossConfig(kl_beta=cfg.kl_beta), optim=OptimConfig(lr=1e-5), checkpoint_every=cfg.steps,
+                pack_width=cfg.pack_width)
   t0 = time.perf_counter()
   train_rl(rl, model_config, params, tokenizer, TaskSource(task, seed=cfg.seed))
   wall = time.perf_counter() - t0
@@ -93,18 +95,21 @@ def main(cfg: Config) -> dict:
   med = lambda k: statistics.median(t.get(k, float("nan")) for t in steady)
   rollouts = cfg.prompts_per_step * cfg.group_size
   comp_tokens = statistics.median(r["metrics"]["response_len"] for r in rows[1:] or rows) * rollouts
-  width = med("width")  # the trained row width (prompt bucket + completion bucket)
-  update_flops = model_flops(model_config, rollouts * width, width, 6)
+  width = med("width")  # the rows' width (prompt bucket + completion bucket)
+  # The update's FLOPs are those of the slots it runs on (padded rows, or packed bins of train_width tokens).
+  update_flops = model_flops(model_config, med("train_slots"), med("train_width"), 6)
   sample_flops = model_flops(model_config, comp_tokens, width, 2)
   result = {
       "params_M": round(n_params / 1e6, 2), "rollouts": rollouts, "max_new_tokens": cfg.max_new_tokens,
       "first_step_s": round(timing[0]["step_s"], 3), "step_s": round(med("step_s"), 3),
       **{k: round(med(k), 3) for k in ("sample_s", "score_s", "reward_s", "update_s")},
-      "completion_tokens_per_s": round(comp_tokens / med("sample_s"), 1), "train_width": width,
+      "completion_tokens_per_s": round(comp_tokens / med("sample_s"), 1), "row_width": width,
+      **{k: med(k) for k in ("train_slots", "train_width")}, "train_fill": round(med("train_fill"), 3),
       "peak_gflops": round(peak / 1e9, 1),
       "update_mfu": round(update_flops / med("update_s") / peak, 3),
       "sample_mfu": round(sample_flops / med("sample_s") / peak, 3),
       "wall_s": round(wall, 1), "steps": cfg.steps, "seed": cfg.seed, "compute_dtype": cfg.compute_dtype,
+      "pack_width": cfg.pack_width,
   }
   out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / "result.json").write_text(json.dumps(result, indent=2))

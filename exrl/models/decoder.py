@@ -82,16 +82,18 @@ def unembed_matrix(config: ModelConfig, params: dict) -> jax.Array:
 
 def hidden_states(config: ModelConfig, params: dict, tokens_BxT: jax.Array,
                   valid_BxT: jax.Array | None = None, positions_BxT: jax.Array | None = None,
-                  *, remat: bool | str = False) -> jax.Array:
+                  segment_BxT: jax.Array | None = None, *, remat: bool | str = False) -> jax.Array:
   """Final-normed hidden states float[B, T, D] in `compute_dtype` (no cache; the train path).
 
   valid_BxT marks real tokens (False on left or right padding); attention is causal and never
-  looks at padding. positions default to the count of valid tokens before each one. remat=True
+  looks at padding. positions default to the count of valid tokens before each one. segment_BxT (int, packed
+  rows: several sequences side by side, see exrl.train.packing) keeps attention within each segment. remat=True
   recomputes each block in the backward pass (policy "nothing_saveable"); a string names another
   `jax.checkpoint_policies` policy.
   """
   policy = "nothing_saveable" if remat is True else (remat or None)
-  return Decoder(config, remat_policy=policy).apply({"params": params}, tokens_BxT, valid_BxT, positions_BxT)
+  model = Decoder(config, remat_policy=policy)
+  return model.apply({"params": params}, tokens_BxT, valid_BxT, positions_BxT, segment_BxT)
 
 
 def logits(config: ModelConfig, params: dict, tokens_BxT: jax.Array,

@@ -156,10 +156,14 @@ def default_positions(valid_BxT: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def causal_mask(valid_BxT: jax.Array) -> jax.Array:
-  """bool[B, T, T]: query t sees valid keys <= t (the no-cache path)."""
+def causal_mask(valid_BxT: jax.Array, segment_BxT: jax.Array | None = None) -> jax.Array:
+  """bool[B, T, T]: query t sees valid keys <= t (the no-cache path); with `segment_BxT` (packed rows), only
+  keys of its own segment."""
   T = valid_BxT.shape[1]
-  return jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+  allowed_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & valid_BxT[:, None, :]
+  if segment_BxT is not None:
+    allowed_BxTxT &= segment_BxT[:, :, None] == segment_BxT[:, None, :]
+  return allowed_BxTxT
 
 
 def cache_mask(cache_valid_BxS: jax.Array, valid_BxT: jax.Array, index) -> tuple[jax.Array, jax.Array]:
@@ -311,14 +315,15 @@ class Decoder(nn.Module):
     if not c.tie_word_embeddings:
       self.lm_head = _param(self, "lm_head", normal, ("embed", "vocab"), (c.hidden_size, c.vocab_size))
 
-  def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None):
-    """Final-normed hidden states [B, T, D] in compute dtype; causal attention that never looks at padding."""
+  def __call__(self, tokens_BxT, valid_BxT=None, positions_BxT=None, segment_BxT=None):
+    """Final-normed hidden states [B, T, D] in compute dtype; causal attention that never looks at padding
+    (nor, with `segment_BxT`, across the segments of a packed row)."""
     if valid_BxT is None:
       valid_BxT = jnp.ones(tokens_BxT.shape, bool)
     if positions_BxT is None:
       positions_BxT = default_positions(valid_BxT)
-    x_BxTxD, _ = self.layers(self.embed_tokens(tokens_BxT), self.rope(positions_BxT), causal_mask(valid_BxT), None,
-                             None)
+    x_BxTxD, _ = self.layers(self.embed_tokens(tokens_BxT), self.rope(positions_BxT),
+                             causal_mask(valid_BxT, segment_BxT), None, None)
     return self.norm_final(x_BxTxD)
 
   def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache: dict, index):

@@ -48,7 +48,7 @@ class GroupCollector:
   """`collect(params, ref_params, problems, key) -> Experience` for one prompt + one completion per row.
 
   cfg: an `RLConfig` (group_size, reward, mix_weights, sc_annotator, sampling, advantage, loss, inner_epochs,
-    kl_monitor, verifier_timeout_s are read). With one inner epoch the policy is not re-scored: old
+    kl_monitor, verifier_timeout_s, pack_width are read). With one inner epoch the policy is not re-scored: old
     log-probs and self-certainty come from the sampler, at the sampling temperature. verify: picklable `(text, problem) -> float`; None looks the verifier up
     by `problem.task`. encode: prompt text -> ids (default: tokenizer with bos).
   """
@@ -87,7 +87,7 @@ class GroupCollector:
     scored = {}
     if with_policy or with_ref:
       scored = score(self.model_config, params, ref_params, seq["tokens"], seq["valid"], seq["positions"], response,
-                     with_ref=with_ref, with_policy=with_policy, temperature=T)
+                     with_ref=with_ref, with_policy=with_policy, temperature=T, pack_width=cfg.pack_width)
     host = jax.device_get({**seq, **scored, "response": response, "tokens_BxN": out.tokens_BxN[:, :n],
                            "mask_BxN": out.mask_BxN[:, :n], "logp_BxN": out.logp_BxN[:, :n],
                            "sc_BxN": out.self_certainty_BxN[:, :n], "entropy_BxN": out.entropy_BxN[:, :n]})

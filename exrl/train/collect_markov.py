@@ -35,7 +35,7 @@ class MarkovCollector:
   """`collect(params, ref_params, problems, key) -> Experience` with one row per Delethink chunk.
 
   cfg: an `RLConfig` (group_size, reward in {verifier, self_certainty}, sampling, advantage, inner_epochs,
-    kl_monitor, loss.kl_beta, verifier_timeout_s). markov: the chunking. With one inner epoch, old log-probs
+    kl_monitor, loss.kl_beta, verifier_timeout_s, pack_width). markov: the chunking. With one inner epoch, old log-probs
     are the sampler's (at the sampling temperature); otherwise every chunk row is re-scored.
   """
 
@@ -77,7 +77,7 @@ class MarkovCollector:
     if with_policy or with_ref:
       scored = jax.device_get(score(self.model_config, params, ref_params, rows["tokens"], rows["valid"],
                                     rows["positions"], response, with_ref=with_ref, with_policy=with_policy,
-                                    temperature=T))
+                                    temperature=T, pack_width=cfg.pack_width))
     t_score = time.perf_counter()
 
     mask_BxIxS = host["response_BxIxS"]

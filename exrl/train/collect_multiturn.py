@@ -47,7 +47,7 @@ def trajectory_rows(trajs, T: int) -> dict[str, np.ndarray]:
 class MultiTurnCollector:
   """`collect(params, ref_params, problems, key) -> Experience` for `EnvProblem`s.
 
-  cfg: an `RLConfig` (group_size, sampling.temperature, advantage, loss.kl_beta, kl_monitor are read).
+  cfg: an `RLConfig` (group_size, sampling.temperature, advantage, loss.kl_beta, kl_monitor, pack_width are read).
   env_factory(name) -> a fresh Env (in-process `exrl.envs.make_env`, or an `EnvClient` for HTTP).
   Old log-probs are the sampler's (at the sampling temperature), valid for one inner epoch.
   """
@@ -88,7 +88,7 @@ class MultiTurnCollector:
     if with_ref:
       scored = jax.device_get(score(self.model_config, params, ref_params, rows["tokens"], rows["valid"],
                                     rows["positions"], rows["loss_mask"] > 0, with_ref=True, with_policy=False,
-                                    temperature=self.rollout_cfg.temperature))
+                                    temperature=self.rollout_cfg.temperature, pack_width=cfg.pack_width))
       rows["ref_logp"] = np.asarray(scored["ref_logp"], np.float32)
       m = rows["loss_mask"]
       metrics["kl"] = float((np.asarray(k3_kl(rows["old_logp"], rows["ref_logp"])) * m).sum() / max(m.sum(), 1))

@@ -23,6 +23,7 @@ import numpy as np
 
 from exrl.models.config import ModelConfig
 from exrl.rl.rewards import self_certainty_reward
+from exrl.train import packing
 from exrl.train.objectives import shifted_stats
 
 
@@ -71,17 +72,32 @@ class Collector(Protocol):
   def close(self) -> None: ...
 
 
-@functools.partial(jax.jit, static_argnames=("config", "with_policy", "with_ref", "implementation", "temperature"))
 def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, *,
-          with_ref: bool, with_policy: bool = True, implementation: str = "auto", temperature: float = 1.0) -> dict:
+          with_ref: bool, with_policy: bool = True, implementation: str = "auto", temperature: float = 1.0,
+          pack_width: int = 0) -> dict:
   """Re-score rollouts (no gradient) at `temperature` (the sampling one, as the loss does).
 
   Returns token-aligned float32[B, S] `logp` (policy), `self_certainty`, `entropy`, and per-row `sc_B` =
   masked token-mean self-certainty over response tokens (Intuitor). With `with_ref`, also `ref_logp` and
   `ref_sc_B` (the frozen reference as an offline self-certainty annotator). `with_policy=False` scores
   the reference only (the policy's numbers came from the sampler).
+  pack_width > 0: the forward runs on the rows packed into bins of that width (`train.packing`, reading the
+  rows back to the host) when that saves token slots; the results are still the rows'.
   """
-  mb = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS}
+  packed = None
+  if pack_width:
+    host = jax.device_get({"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS,
+                           "loss_mask": response_BxS})
+    packed = packing.pack({k: np.asarray(v)[None] for k, v in host.items()}, width=pack_width)
+    packed = packed and {k: v[0] for k, v in packed.items()}
+  return _score(config, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, packed,
+                with_ref=with_ref, with_policy=with_policy, implementation=implementation, temperature=temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "with_policy", "with_ref", "implementation", "temperature"))
+def _score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, packed, *,
+           with_ref: bool, with_policy: bool, implementation: str, temperature: float) -> dict:
+  mb = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS, **(packed or {})}
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
   resp = response_BxS.astype(jnp.float32)
   out = {}

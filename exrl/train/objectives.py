@@ -29,6 +29,9 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
                   implementation: str = "auto", temperature: float = 1.0, fp32_head: bool = False, mesh=None):
   """Token stats for tokens[:, 1:] from one forward pass; fields are float32[Bm, T-1].
 
+  With the `train.packing` fields in `mb` the forward runs on the packed bins, and the stats are gathered back
+  to the rows (tokens without a statistic, where the loss mask is 0, read slot 0).
+
   temperature: the stats are of softmax(logits / temperature), computed as h @ (W / temperature) so the
   fused kernel never sees the logits; the reference (exact KL) is scaled the same way.
   mesh: the train step's mesh (or None). With tensor > 1 the statistics go through `kernels.sharded`
@@ -36,18 +39,22 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
   partial statistics (and, backward, the hidden gradient) cross devices, instead of leaving XLA to partition
   the chunked scan over a vocab-sharded W.
   """
-  B, T = mb["tokens"].shape
-  hidden = decoder.hidden_states(config, params, mb["tokens"], mb["valid"], mb["positions"], remat=remat)
+  packed = "packed_tokens" in mb  # padding-free: the model runs on bins, the stats go back to rows (train.packing)
+  names = ("packed_tokens", "packed_valid", "packed_positions", "packed_segment") if packed else (
+      "tokens", "valid", "positions")
+  inputs = [mb[k] for k in names]
+  B, T = inputs[0].shape
+  hidden = decoder.hidden_states(config, params, *inputs, remat=remat)
   h_NxD = hidden[:, :-1].reshape(B * (T - 1), -1)
   # fp32_head (ScaleRL): the LM head in fp32 even when the model runs in bf16
   head_dtype = jnp.float32 if fp32_head else config.dtype
   h_NxD = h_NxD.astype(head_dtype) if fp32_head else h_NxD
-  targets_N = mb["tokens"][:, 1:].reshape(-1)
+  targets_N = inputs[0][:, 1:].reshape(-1)
   scale = lambda w: w if temperature == 1.0 else w / temperature
   w_DxV = scale(decoder.unembed_matrix(config, params).astype(head_dtype))
   ref = {}
   if ref_params is not None:
-    ref_hidden = decoder.hidden_states(config, ref_params, mb["tokens"], mb["valid"], mb["positions"])
+    ref_hidden = decoder.hidden_states(config, ref_params, *inputs)
     ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1).astype(h_NxD.dtype))
     ref["ref_w_DxV"] = jax.lax.stop_gradient(scale(decoder.unembed_matrix(config, ref_params).astype(head_dtype)))
   if vocab_parallel(mesh, w_DxV.shape[1]):
@@ -57,7 +64,9 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
                                       token_axes=token_axes, **ref)
   else:
     stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
-  return jax.tree.map(lambda x: None if x is None else x.reshape(B, T - 1), stats)
+  if packed:  # unpack_index [Bm, T-1] points each row token's statistic at its slot in the bins
+    return jax.tree.map(lambda x: x[mb["unpack_index"]], stats)
+  return jax.tree.map(lambda x: x.reshape(B, T - 1), stats)
 
 
 def _count_weight(mask_BxT, ids_B, aggregation: str):

@@ -28,7 +28,7 @@ from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import pool as pool_lib
-from exrl.train import mesh as mesh_lib
+from exrl.train import mesh as mesh_lib, packing
 from exrl.train.collect import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
 from exrl.train.experience import Collector, pack_microbatches
@@ -72,6 +72,9 @@ class RLConfig:
   remat: bool | None = None  # None: on for models of >= 100M parameters (trainer.resolve_remat)
   fp32_head: bool = False  # ScaleRL: the LM head (its input and unembedding) in fp32 when compute is bf16
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
+  # padding-free update: rows packed side by side into bins of max(pack_width, row width) tokens (train.packing);
+  # 0 trains the padded rows as they are
+  pack_width: int = 128
 
   def __post_init__(self):
     if self.reward not in REWARDS:
@@ -80,6 +83,8 @@ class RLConfig:
       raise ValueError(f"RLConfig.sc_annotator={self.sc_annotator!r}; valid: {ANNOTATORS}")
     if self.group_size < 2:
       raise ValueError(f"RLConfig.group_size={self.group_size}; group advantages need at least 2 samples")
+    if self.pack_width < 0:
+      raise ValueError(f"RLConfig.pack_width={self.pack_width} must be >= 0 (0 turns packing off)")
     for name in ("steps", "prompts_per_step", "num_microbatches", "inner_epochs", "checkpoint_every",
                  "keep_checkpoints", "max_skips_in_row"):
       if getattr(self, name) < 1:
@@ -148,14 +153,20 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         run.state, key = next_key(run.state)
         exp = collector.collect(run.state.params, ref_params, problems, key)
         t_collect = time.time()
-        batch = shard_batch(pack_microbatches(exp.rows, cfg.num_microbatches, row_multiple), run.mesh)
+        batch = pack_microbatches(exp.rows, cfg.num_microbatches, row_multiple)
+        packed = packing.pack(batch, width=cfg.pack_width, row_multiple=row_multiple) if cfg.pack_width else None
+        # The update's shape: token slots it runs on, their width, and the share of them that are real tokens.
+        train_tokens = packed["packed_tokens"] if packed else batch["tokens"]
+        shape = {"train_slots": train_tokens.size, "train_width": train_tokens.shape[-1],
+                 "train_fill": float(batch["valid"].sum() / train_tokens.size)}
+        batch = shard_batch({**batch, **(packed or {})}, run.mesh)
         for _ in range(cfg.inner_epochs):
           run.state, train_metrics = run.step_fn(run.state, batch, ref_params)
         source.update(problems, exp)
         metrics = {**exp.metrics, **jax.device_get(train_metrics)}
         _check_skips(cfg, metrics, run, step)
         t_update = time.time()  # device_get above waited for the update
-        timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": t_update - t0}
+        timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": t_update - t0, **shape}
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
           ev = run_eval(run.state.params)
           metrics.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
