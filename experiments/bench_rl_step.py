@@ -6,8 +6,10 @@
 Runs `train_rl` for `steps` GRPO steps (verifier reward on two-digit addition, β 0.04) from a random model and
 reads the per-stage timings the loop logs (sample, score, reward, update seconds; measured where the host
 already waits for the device). Reports the first step (compile included) and the median of the later ones,
-completion tokens/s, and MFUs: the update's model FLOPs (6 · params · tokens + attention) and the sampler's
-(2 · params · tokens + attention) over the peak of a large `jnp.dot` at the same dtype, timed in this run.
+completion tokens/s, and MFUs: the update's model FLOPs (6 · params · slots + attention, over the token slots
+it runs on: packed bins, or padded rows with --pack-width 0) and the sampler's (2 · params · tokens +
+attention) over the peak of a large `jnp.dot` at the same dtype, timed in this run. A "steady" step that meets
+a new bin count compiles it (a few seconds); the median keeps most of that out.
 The last stdout line is the JSON result, also written to runs/bench_rl_step/result.json.
 """
 from __future__ import annotations

@@ -134,7 +134,7 @@ def aggregate(loss_BxT, mask_BxT, aggregation: str, *, trace_id_B=None, group_id
   if aggregation == "seq_mean_token_mean":
     return _segment_mean_of_means(tok_sum_B, tok_cnt_B, trace_id_B, batch)
   if aggregation == "constant":
-    c = float(width if constant_normalizer is None else constant_normalizer)
+    c = width if constant_normalizer is None else constant_normalizer  # may be traced (packed rows' width)
     rows_S = jax.ops.segment_sum(jnp.ones((batch,), jnp.float32), trace_id_B, batch)
     num_traces = jnp.sum(rows_S > 0)
     return jnp.sum(tok_sum_B) / (num_traces * c)
@@ -151,7 +151,7 @@ def _check_like(name: str, x, shape):
 
 
 def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, ref_logp_BxT=None,
-                exact_kl_BxT=None, entropy_BxT=None, trace_id_B=None, group_id_B=None):
+                exact_kl_BxT=None, entropy_BxT=None, trace_id_B=None, group_id_B=None, row_width=None):
   """GRPO-family policy loss.
 
   Args:
@@ -165,6 +165,8 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
     entropy_BxT: float[B, T] per-token policy entropy in nats (differentiable).
     trace_id_B: int[B] trace of each row (packed chunks share one); default: each row its own trace.
     group_id_B: int[B] prompt group of each row; required by aggregation="prompt".
+    row_width: the rows' width before any padding past it (packed rows, `train.packing`), for "constant"'s
+      default normaliser; None: T.
 
   Returns:
     (loss, metrics): loss float32 scalar to minimise; metrics dict of float32 scalars, token means
@@ -235,7 +237,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
       tok_loss_BxT = tok_loss_BxT - config.entropy_coef * ent_BxT
 
   agg = dict(trace_id_B=trace_id_B, group_id_B=group_id_B,
-             constant_normalizer=config.constant_normalizer)
+             constant_normalizer=row_width if config.constant_normalizer is None else config.constant_normalizer)
   loss = aggregate(tok_loss_BxT, mask_BxT, config.aggregation, **agg)
 
   f32 = lambda b: b.astype(jnp.float32)

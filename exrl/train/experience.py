@@ -84,20 +84,24 @@ def score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positi
   pack_width > 0: the forward runs on the rows packed into bins of that width (`train.packing`, reading the
   rows back to the host) when that saves token slots; the results are still the rows'.
   """
+  rows = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS, "loss_mask": response_BxS}
   packed = None
   if pack_width:
-    host = jax.device_get({"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS,
-                           "loss_mask": response_BxS})
-    packed = packing.pack({k: np.asarray(v)[None] for k, v in host.items()}, width=pack_width)
-    packed = packed and {k: v[0] for k, v in packed.items()}
-  return _score(config, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, packed,
-                with_ref=with_ref, with_policy=with_policy, implementation=implementation, temperature=temperature)
+    packed = packing.pack({k: np.asarray(v)[None] for k, v in jax.device_get(rows).items()}, width=pack_width)
+  if packed is None:
+    return _score(config, params, ref_params, rows, with_ref=with_ref, with_policy=with_policy,
+                  implementation=implementation, temperature=temperature)
+  # One compile per bin count: the rows are padded to the bins' width, and the results cut back to S.
+  S = tokens_BxS.shape[1]
+  out = _score(config, params, ref_params, {k: v[0] for k, v in packed.items()}, with_ref=with_ref,
+               with_policy=with_policy, implementation=implementation, temperature=temperature)
+  return {k: v[:, :S] if v.ndim == 2 else v for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "with_policy", "with_ref", "implementation", "temperature"))
-def _score(config: ModelConfig, params, ref_params, tokens_BxS, valid_BxS, positions_BxS, response_BxS, packed, *,
-           with_ref: bool, with_policy: bool, implementation: str, temperature: float) -> dict:
-  mb = {"tokens": tokens_BxS, "valid": valid_BxS, "positions": positions_BxS, **(packed or {})}
+def _score(config: ModelConfig, params, ref_params, mb: dict, *, with_ref: bool, with_policy: bool,
+           implementation: str, temperature: float) -> dict:
+  response_BxS = mb["loss_mask"]
   pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
   resp = response_BxS.astype(jnp.float32)
   out = {}

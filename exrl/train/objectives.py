@@ -98,7 +98,10 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
     stats = shifted_stats(config, params, mb, ref_params=ref_params if exact_kl else None, remat=remat,
                           implementation=implementation, fp32_head=fp32_head, temperature=temperature, mesh=mesh)
     mask = mb["loss_mask"][:, 1:].astype(jnp.float32)
-    kw = dict(trace_id_B=mb["trace_id"], group_id_B=mb["group_id"])
+    # Packed rows are padded past their width T; "constant" aggregation's default normaliser is the shifted
+    # width the loss would see unpadded, T - 1.
+    kw = dict(trace_id_B=mb["trace_id"], group_id_B=mb["group_id"],
+              row_width=mb["row_width"][0].astype(jnp.float32) - 1 if "row_width" in mb else None)
     if loss_cfg.kl_beta > 0:
       kw.update(exact_kl_BxT=stats.kl) if exact_kl else kw.update(ref_logp_BxT=mb["ref_logp"][:, 1:])
     if loss_cfg.entropy_coef > 0:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-PACKED_FIELDS = ("packed_tokens", "packed_valid", "packed_positions", "packed_segment", "unpack_index")
-
 
 def bin_rows(n: int, row_multiple: int = 1) -> int:
   """The bin count used for n bins: row_multiple x one of 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, ... (four
@@ -59,19 +57,24 @@ def first_fit_decreasing(length_R: np.ndarray, width: int) -> tuple[np.ndarray, 
 
 
 def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> dict[str, np.ndarray] | None:
-  """The PACKED_FIELDS for micro-batched rows (fields [M, Bm, T]: tokens, valid, positions, loss_mask).
+  """`batch` (micro-batched rows: fields [M, Bm, T] and [M, Bm]) with its rows packed, or None.
 
-  Bins are max(width, T) tokens wide, and every micro-batch gets the same `bin_rows` count Bp:
+  Bins are W = `width` * ceil(T / width) tokens wide, and every micro-batch gets the same `bin_rows` count Bp.
+  Returns the batch's fields, the per-token ones zero-padded on the right to width W (so the step's shape depends
+  on the bins, not on the trimmed row width T: T <= width always gives W = width), plus
     packed_tokens / packed_valid / packed_positions / packed_segment [M, Bp, W]: the bins; segment is the span's
       row (-1 on a bin's unused tail, which is also not valid);
-    unpack_index int32[M, Bm, T-1]: for the statistic predicting row token t+1 (the model's shifted outputs),
+    unpack_index int32[M, Bm, W-1]: for the statistic predicting row token t+1 (the model's shifted outputs),
       its flat index in the bins' shifted statistics [Bp * (W-1)]; 0 where the token is padding or starts a
-      span, places the loss mask must (and is checked to) zero.
-  Returns None when packing would not save token slots (Bp * W >= Bm * T): the rows are trained as they are.
+      span, places the loss mask must (and is checked to) zero;
+    row_width int32[M, Bm]: T, the width the loss's "constant" aggregation normalises by by default.
+  Returns None when packing would not save token slots (Bp * W >= Bm * T): train the rows as they are.
   """
+  if not isinstance(width, int) or width < 1:
+    raise ValueError(f"pack width={width!r}; must be a positive int (bins are width * ceil(T / width) tokens)")
   tokens, valid, positions, loss_mask = (np.asarray(batch[k]) for k in ("tokens", "valid", "positions", "loss_mask"))
   M, Bm, T = tokens.shape
-  W = max(width, T)
+  W = width * -(-T // width)
   placed = []
   for m in range(M):
     start_R, length_R = spans(valid[m])
@@ -80,9 +83,12 @@ def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> 
   Bp = bin_rows(max(p[-1] for p in placed), row_multiple)
   if Bp * W >= Bm * T:
     return None
-  out = {"packed_tokens": np.zeros((M, Bp, W), tokens.dtype), "packed_valid": np.zeros((M, Bp, W), bool),
-         "packed_positions": np.zeros((M, Bp, W), positions.dtype), "packed_segment": np.full((M, Bp, W), -1, np.int32),
-         "unpack_index": np.zeros((M, Bm, T - 1), np.int32)}
+  out = {k: np.pad(v, ((0, 0), (0, 0), (0, W - T))) if np.ndim(v) == 3 and np.shape(v)[2] == T else np.asarray(v)
+         for k, v in batch.items()}
+  out.update(packed_tokens=np.zeros((M, Bp, W), tokens.dtype), packed_valid=np.zeros((M, Bp, W), bool),
+             packed_positions=np.zeros((M, Bp, W), positions.dtype),
+             packed_segment=np.full((M, Bp, W), -1, np.int32), unpack_index=np.zeros((M, Bm, W - 1), np.int32),
+             row_width=np.full((M, Bm), T, np.int32))
   for m, (start_R, length_R, bin_R, offset_R, _) in enumerate(placed):
     for r in np.flatnonzero(bin_R >= 0):
       a, n, b, o = start_R[r], length_R[r], bin_R[r], offset_R[r]

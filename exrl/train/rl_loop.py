@@ -159,7 +159,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         train_tokens = packed["packed_tokens"] if packed else batch["tokens"]
         shape = {"train_slots": train_tokens.size, "train_width": train_tokens.shape[-1],
                  "train_fill": float(batch["valid"].sum() / train_tokens.size)}
-        batch = shard_batch({**batch, **(packed or {})}, run.mesh)
+        batch = shard_batch(packed or batch, run.mesh)
         for _ in range(cfg.inner_epochs):
           run.state, train_metrics = run.step_fn(run.state, batch, ref_params)
         source.update(problems, exp)

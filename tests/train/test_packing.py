@@ -76,6 +76,10 @@ def test_unpack_index_points_at_each_token_in_its_own_segment():
         assert packed["packed_positions"][m, b, s + 1] == batch["positions"][m, r, t]
         assert packed["packed_segment"][m, b, s] == packed["packed_segment"][m, b, s + 1] == r
   assert packed["packed_valid"].sum() == batch["valid"].sum()
+  for k in ("tokens", "valid", "loss_mask", "old_logp"):  # the rows, zero-padded to the bins' width
+    assert packed[k].shape == (M, Bm, W) and not packed[k][..., T:].any()
+    np.testing.assert_array_equal(packed[k][..., :T], batch[k])
+  np.testing.assert_array_equal(packed["adv"], batch["adv"])
 
 
 def test_pack_rejects_loss_on_a_rows_first_token_and_skips_when_nothing_is_saved():
@@ -87,6 +91,8 @@ def test_pack_rejects_loss_on_a_rows_first_token_and_skips_when_nothing_is_saved
   full = {k: np.ones((1, 8, 16), bool if k == "valid" else np.int32) for k in ("tokens", "valid", "positions")}
   full["loss_mask"] = np.zeros((1, 8, 16), np.float32)
   assert packing.pack(full, width=16) is None  # 8 full rows of 16 fill 8 bins of 16: nothing saved
+  with pytest.raises(ValueError, match="pack width=0; must be a positive int"):
+    packing.pack(full, width=0)
 
 
 @pytest.mark.parametrize("loss_cfg", [
@@ -101,7 +107,7 @@ def test_packed_loss_and_gradients_equal_the_padded_rows(loss_cfg):
   packed = packing.pack(batch, width=24)
   assert packed is not None
   mb = jax.tree.map(lambda x: jnp.asarray(x[0]), batch)
-  mb_packed = {**mb, **jax.tree.map(lambda x: jnp.asarray(x[0]), packed)}
+  mb_packed = jax.tree.map(lambda x: jnp.asarray(x[0]), packed)
   fn = rl_loss_fn(CFG, loss_cfg)
   grad = jax.jit(jax.value_and_grad(lambda p, b: fn(p, ref, b)[0]))
   (want_loss, want_g), (got_loss, got_g) = grad(params, mb), grad(params, mb_packed)
@@ -129,7 +135,7 @@ def test_packed_sharded_step_matches_the_unsharded_padded_step(mesh_shape):
   packed = packing.pack(batch, width=24, row_multiple=div)
   assert packed is not None and packed["packed_tokens"].shape[1] % div == 0
   step = make_train_step(rl_loss_fn(CFG, loss_cfg, mesh=mesh), opt, mesh, sh, sh.params)
-  got_state, got = step(state, shard_batch({**batch, **packed}, mesh), jax.device_put(ref, sh.params))
+  got_state, got = step(state, shard_batch(packed, mesh), jax.device_put(ref, sh.params))
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(jax.device_get(got_state.params), jax.device_get(want_state.params),
                               atol=1e-5, rtol=1e-5)
