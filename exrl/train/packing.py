@@ -2,9 +2,9 @@
 
 A step's rows are left-padded prompts and right-padded completions; even trimmed to the longest completion, about
 half of bench_rl_step's token slots are padding, and the forward and backward passes pay for every slot. `pack`
-lays each row's span (its first to its last valid token) into bins of `width` tokens, first-fit decreasing. The
-model runs on the bins with attention kept inside each span (`packed_segment`) and every token at its own
-position, so each token sees exactly what it saw in its row. The per-token statistics are gathered back to the
+lays each row's span (its first to its last valid token) into bins of `width` tokens (a multiple of it for longer
+rows), first-fit decreasing. The model runs on the bins with attention kept inside each span (`packed_segment`)
+and every token at its own position, so each token sees exactly what it saw in its row. The per-token statistics are gathered back to the
 rows (`unpack_index`): the loss, its aggregation and every per-row field stay as they were, and only the model's
 passes shrink.
 

@@ -72,8 +72,8 @@ class RLConfig:
   remat: bool | None = None  # None: on for models of >= 100M parameters (trainer.resolve_remat)
   fp32_head: bool = False  # ScaleRL: the LM head (its input and unembedding) in fp32 when compute is bf16
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
-  # padding-free update: rows packed side by side into bins of max(pack_width, row width) tokens (train.packing);
-  # 0 trains the padded rows as they are
+  # padding-free update and reference forward: rows packed side by side into bins of pack_width tokens (a multiple
+  # of it for longer rows; train.packing); 0 trains the padded rows as they are
   pack_width: int = 128
 
   def __post_init__(self):
