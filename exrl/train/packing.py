@@ -4,9 +4,9 @@ A step's rows are left-padded prompts and right-padded completions; even trimmed
 half of bench_rl_step's token slots are padding, and the forward and backward passes pay for every slot. `pack`
 lays each row's span (its first to its last valid token) into bins of `width` tokens (a multiple of it for longer
 rows), first-fit decreasing. The model runs on the bins with attention kept inside each span (`packed_segment`)
-and every token at its own position, so each token sees exactly what it saw in its row. The per-token statistics are gathered back to the
-rows (`unpack_index`): the loss, its aggregation and every per-row field stay as they were, and only the model's
-passes shrink.
+and every token at its own position, so each token sees exactly what it saw in its row. The per-token statistics
+are gathered back to the rows (`unpack_index`): the loss, its aggregation and every per-row field stay as they
+were, and only the model's passes shrink.
 
 A span's first token would be predicted from the previous span's last hidden state. In a row it was predicted
 from padding, so it cannot carry loss either way; `pack` checks that it does not.
