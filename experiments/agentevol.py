@@ -35,7 +35,7 @@ from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, agent_text, instruction_text, observation_text
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tokenizer import load_tokenizer, train_sentencepiece
-from exrl.train.agentevol import AgentEvolConfig, agentevol, evaluate_agent, multiturn_grpo
+from exrl.methods.agentevol import AgentEvolConfig, agentevol, evaluate_agent, multiturn_grpo
 from exrl.train.rl_loop import RLConfig
 from exrl.train.sft import SFTConfig
 from exrl.train.state import OptimConfig

@@ -30,7 +30,7 @@ from exrl.curriculum.source import TaskSource
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
-from exrl.train.metrics import read_jsonl
+from exrl.infra.metrics import read_jsonl
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig
 

@@ -40,9 +40,9 @@ from exrl.rl.losses import LossConfig
 from exrl.rollout.markov import MarkovConfig, chunk_examples
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks.running_sum import RunningSumTask
-from exrl.train.collect_markov import MarkovCollector
+from exrl.train.collect.markov import MarkovCollector
 from exrl.train.evaluate import generate_texts, wilson_interval
-from exrl.train.plot import plot_runs
+from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
 from exrl.train.state import OptimConfig

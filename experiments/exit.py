@@ -46,10 +46,10 @@ from exrl.tasks import self_iteration as si
 from exrl.tasks.countdown import CountdownTask
 from exrl.tasks.pool import VerifierPool, verifier_rewards
 from exrl.tokenizer import load_tokenizer, train_sentencepiece
-from exrl.train.collect import GroupCollector
+from exrl.train.collect.groups import GroupCollector
 from exrl.train.diversity import DiversityBonusCollector
 from exrl.train.evaluate import generate_texts, wilson_interval
-from exrl.train.plot import plot_runs
+from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
 from exrl.train.state import OptimConfig

@@ -37,7 +37,7 @@ from exrl import cli
 from exrl.tasks import MathDatasetTask
 from exrl.tasks.math_data import drop_long_prompts
 from exrl.tokenizer import load_tokenizer
-from exrl.train.checkpoint import export_hf
+from exrl.infra.checkpoint import export_hf
 from exrl.train.evaluate import EvalConfig
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig
@@ -153,7 +153,7 @@ def main(args: Args) -> dict:
 
 def _entry() -> dict:
   if os.environ.get("EXRL_DISTRIBUTED"):  # set by tpu_scripts/launch.sh on every worker
-    from exrl.train.mesh import initialize_distributed
+    from exrl.infra.mesh import initialize_distributed
     initialize_distributed()
   return main(parse(sys.argv[1:]))
 

@@ -41,8 +41,8 @@ from experiments import common, quickstart
 from exrl.curriculum.source import TaskSource
 from exrl.tasks import get_task
 from exrl.train.evaluate import evaluate, wilson_interval
-from exrl.train.metrics import read_jsonl
-from exrl.train.plot import plot_runs
+from exrl.infra.metrics import read_jsonl
+from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import train_sft
 

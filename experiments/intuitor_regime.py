@@ -45,8 +45,8 @@ from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
 from exrl.tasks.math_data import extract_answer
 from exrl.train.evaluate import EvalConfig, answer_probe, evaluate, wilson_interval
-from exrl.train.metrics import read_jsonl
-from exrl.train.plot import plot_runs
+from exrl.infra.metrics import read_jsonl
+from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
 from exrl.train.state import OptimConfig

@@ -22,7 +22,7 @@ from typing import Literal
 import tyro
 
 from exrl import scaling
-from exrl.train.metrics import read_jsonl
+from exrl.infra.metrics import read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)

@@ -101,7 +101,7 @@ def _is_instance(e: BaseException, module: str, *names: str) -> bool:
 
 def user_error_message(e: BaseException) -> str | None:
   """The one-line message for an expected user error, or None for a bug (which keeps its traceback)."""
-  if _is_instance(e, "exrl.train.checkpoint", "CheckpointError", "CheckpointWriteError") or _is_instance(
+  if _is_instance(e, "exrl.infra.checkpoint", "CheckpointError", "CheckpointWriteError") or _is_instance(
       e, "exrl.tasks.pool", "WorkerStartError"):
     return _one_line(e.strerror if isinstance(e, OSError) and e.strerror else str(e))
   if isinstance(e, json.JSONDecodeError):

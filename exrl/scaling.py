@@ -200,7 +200,7 @@ def rl_step_flops(num_params: int, sampled_tokens: float, trained_tokens: float,
 def compute_from_metrics(records: Sequence[dict], *, score_key: str, num_params: int | None = None,
                          rows_per_step: int | None = None, prompt_tokens: float = 0.0, inner_epochs: int = 1,
                          device_count: int | None = None, unit: str = "flops") -> tuple[np.ndarray, np.ndarray]:
-  """(cumulative compute_N, score_N) from metrics.jsonl records (`exrl.train.metrics.read_jsonl`).
+  """(cumulative compute_N, score_N) from metrics.jsonl records (`exrl.infra.metrics.read_jsonl`).
 
   unit="flops": per step, rl_step_flops(num_params, rows * response_len, rows * (prompt + response_len)).
   unit="device_hours": cumulative timing.step_s * device_count / 3600.

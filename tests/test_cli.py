@@ -40,7 +40,7 @@ def main(case, arg):
     except ValueError as inner:
       raise Exception("Encountered error while writing array") from inner
   if case == "checkpoint":
-    from exrl.train.checkpoint import CheckpointError
+    from exrl.infra.checkpoint import CheckpointError
     raise CheckpointError("no checkpoint in " + arg + " restores (step 3: KeyError: 'meta')")
   if case == "bug":
     raise TypeError("unsupported operand: a bug, not a user error")

@@ -7,7 +7,7 @@ import numpy as np
 from experiments import common, delethink
 from exrl.rollout.markov import MarkovConfig
 from exrl.tasks.running_sum import RunningSumTask
-from exrl.train.metrics import read_jsonl
+from exrl.infra.metrics import read_jsonl
 
 
 def test_mini_delethink(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """`python -m experiments.grpo scalerl`: the preset turns on every ScaleRL switch, and they reach the trainer.
 
-The switches' own numpy oracles: CISPO and prompt aggregation in tests/test_losses.py, batch-level advantage
-normalisation and zero-variance filtering in tests/test_advantages.py, the FP32 LM head in
+The switches' own numpy oracles: CISPO and prompt aggregation in tests/rl/test_losses.py, batch-level advantage
+normalisation and zero-variance filtering in tests/rl/test_advantages.py, the FP32 LM head in
 tests/train/test_fp32_head.py, no positive resampling in tests/curriculum/test_pass_rate.py.
 """
 import dataclasses
@@ -16,9 +16,9 @@ from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
 from exrl.tasks.base import Problem
 from exrl.train import rl_loop
-from exrl.train.checkpoint import Checkpointer
+from exrl.infra.checkpoint import Checkpointer
 from exrl.train.evaluate import EvalConfig
-from exrl.train.mesh import MeshConfig
+from exrl.infra.mesh import MeshConfig
 from exrl.train.state import OptimConfig
 from tests.train.mini_rl import TINY
 

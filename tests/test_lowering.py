@@ -17,7 +17,7 @@ from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout import sampler
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from exrl.train.objectives import rl_loss_fn
 from exrl.train.state import OptimConfig, init_state, make_optimizer
 from exrl.train.step import make_train_step, microbatch_sharding

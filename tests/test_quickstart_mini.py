@@ -8,9 +8,9 @@ import numpy as np
 
 from experiments import common, quickstart
 from exrl.models import hf
-from exrl.train.checkpoint import Checkpointer
+from exrl.infra.checkpoint import Checkpointer
 from exrl.train.evaluate import evaluate
-from exrl.train.metrics import read_jsonl
+from exrl.infra.metrics import read_jsonl
 
 
 def test_mini_quickstart(tmp_path, capsys):

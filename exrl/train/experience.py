@@ -4,7 +4,7 @@ A collector turns a step's problems into an `Experience`:
 
   collector.collect(params, ref_params, problems, key) -> Experience
 
-Single-turn GRPO / Intuitor (`exrl.train.collect.GroupCollector`) is one; Delethink chunks, ExIt
+Single-turn GRPO / Intuitor (`exrl.train.collect.groups.GroupCollector`) is one; Delethink chunks, ExIt
 self-iteration and multi-turn agents are others. The loop only packs `Experience.rows` into
 micro-batches and trains on them, so a new rollout kind never touches `train_rl`.
 

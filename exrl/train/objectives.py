@@ -15,7 +15,7 @@ import kernels
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig, policy_loss
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from kernels.sharded import token_stats_vocab_sharded
 
 

@@ -8,7 +8,7 @@
     log, evaluate, checkpoint (with the source's state)
 
 What a rollout is (single-turn groups, Delethink chunks, self-iteration, multi-turn agents) lives in the
-collector; the default is `exrl.train.collect.GroupCollector`. Resumable: the device state (params,
+collector; the default is `exrl.train.collect.groups.GroupCollector`. Resumable: the device state (params,
 optimiser, step, PRNG key) and the source's state are checkpointed, and metrics.jsonl is truncated back
 to the checkpoint on resume, so a run killed at any point and resumed ends bitwise-identical to a run
 that was never interrupted.
@@ -28,8 +28,9 @@ from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import pool as pool_lib
-from exrl.train import mesh as mesh_lib, packing
-from exrl.train.collect import GroupCollector
+from exrl.infra import mesh as mesh_lib
+from exrl.train import packing
+from exrl.train.collect.groups import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
 from exrl.train.experience import Collector, pack_microbatches
 from exrl.train.objectives import rl_loss_fn

@@ -14,7 +14,7 @@ import numpy as np
 
 from exrl.models.config import ModelConfig
 from exrl.rollout.sampler import bucket_length
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from exrl.train.objectives import sft_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer
 from exrl.train.step import shard_batch

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from exrl.train.state import TrainState
 
 LossFn = Callable[[dict, dict | None, dict], tuple[jax.Array, jax.Array, dict]]

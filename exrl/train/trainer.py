@@ -20,10 +20,10 @@ import jax
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
-from exrl.train import mesh as mesh_lib
-from exrl.train.checkpoint import Checkpointer
-from exrl.train.distributed import NullWriter
-from exrl.train.metrics import MetricsWriter, ProgressBar
+from exrl.infra import mesh as mesh_lib
+from exrl.infra.checkpoint import Checkpointer
+from exrl.infra.distributed import NullWriter
+from exrl.infra.metrics import MetricsWriter, ProgressBar
 from exrl.train.state import TrainState, init_state
 from exrl.train.step import make_train_step
 

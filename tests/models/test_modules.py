@@ -12,7 +12,7 @@ import pytest
 from exrl.models import decoder, hf
 from exrl.models.config import ModelConfig
 from exrl.models.modules import Decoder
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 
 L, D, H, K, E, F, V = 2, 32, 4, 2, 8, 48, 64
 CONFIGS = {

@@ -8,7 +8,8 @@ import pytest
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig
-from exrl.train import mesh as mesh_lib, packing
+from exrl.infra import mesh as mesh_lib
+from exrl.train import packing
 from exrl.train.experience import pack_microbatches, score
 from exrl.train.objectives import rl_loss_fn
 from exrl.train.state import OptimConfig, init_state, make_optimizer

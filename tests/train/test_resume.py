@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exrl.train.metrics import deterministic_lines
+from exrl.infra.metrics import deterministic_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 6

@@ -8,7 +8,7 @@ import pytest
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from exrl.train.experience import pack_microbatches
 from exrl.train.objectives import rl_loss_fn, sft_loss_fn
 from exrl.train.trainer import setup_state

@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 from exrl.train.experience import pack_microbatches
 from exrl.train.objectives import rl_loss_fn, sft_loss_fn, vocab_parallel
 from exrl.train.state import OptimConfig, init_state, make_optimizer

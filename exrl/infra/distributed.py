@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from exrl.train import mesh as mesh_lib
+from exrl.infra import mesh as mesh_lib
 
 
 class DistributedError(RuntimeError):

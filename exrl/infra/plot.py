@@ -1,7 +1,7 @@
-"""PNG learning curves from metrics.jsonl (see `exrl.train.metrics`).
+"""PNG learning curves from metrics.jsonl (see `exrl.infra.metrics`).
 
-  python -m exrl.train.plot runs/grpo                       # -> runs/grpo/plots/*.png
-  python -m exrl.train.plot runs/grpo runs/intuitor --keys reward/mean acc --out cmp/
+  python -m exrl.infra.plot runs/grpo                       # -> runs/grpo/plots/*.png
+  python -m exrl.infra.plot runs/grpo runs/intuitor --keys reward/mean acc --out cmp/
 
 One run: a grid figure `curves.png` plus one `<key>.png` per metric. Several runs: one grid
 figure `compare.png` with a line per run. Curves show the raw values faintly and a debiased
@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tyro  # noqa: E402
 
-from exrl.train.metrics import METRICS_FILE, read_jsonl  # noqa: E402
+from exrl.infra.metrics import METRICS_FILE, read_jsonl  # noqa: E402
 
 _WALL_CLOCK = ("time", "elapsed_s")  # timing fields that are not worth a curve
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from exrl.train.checkpoint import Checkpointer, CheckpointError
+from exrl.infra.checkpoint import Checkpointer, CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 N = 3000  # floats per array: large enough that the array data is its own file
@@ -194,7 +194,7 @@ _FULL_DISK_RUN = textwrap.dedent("""
   import sys
   import jax, jax.numpy as jnp
   from exrl import cli
-  from exrl.train.checkpoint import Checkpointer
+  from exrl.infra.checkpoint import Checkpointer
 
   def main(d):
     with Checkpointer(d, keep=2) as ckpt:
@@ -247,7 +247,7 @@ _FILE_SIZE_LIMIT_RUN = textwrap.dedent("""
   signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
   import jax
   from exrl import cli
-  from exrl.train.checkpoint import Checkpointer
+  from exrl.infra.checkpoint import Checkpointer
 
   def main(d):
     with Checkpointer(d, keep=2, async_save=False) as ckpt:

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from exrl.train import plot
-from exrl.train.metrics import MetricsWriter, ProgressBar, deterministic_lines, read_jsonl
+from exrl.infra import plot
+from exrl.infra.metrics import MetricsWriter, ProgressBar, deterministic_lines, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,7 +178,7 @@ def test_plots_written_and_cli(tmp_path):
   np.testing.assert_allclose(plot.ema(np.array([1.0, 3.0]), 0.5), [1.0, (0.5 * 0.5 * 1.0 + 0.5 * 3.0) / (0.5 * 0.5 + 0.5)])
 
   res = subprocess.run(
-      [sys.executable, "-m", "exrl.train.plot", str(tmp_path / "grpo"), str(tmp_path / "intuitor"),
+      [sys.executable, "-m", "exrl.infra.plot", str(tmp_path / "grpo"), str(tmp_path / "intuitor"),
        "--keys", "acc", "len", "--out", str(tmp_path / "cli")],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert res.returncode == 0, res.stderr

@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from exrl.train.checkpoint import Checkpointer, host_rng_state, set_host_rng_state
+from exrl.infra.checkpoint import Checkpointer, host_rng_state, set_host_rng_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_async_save_survives_donation_of_state(tmp_path):
 _CHILD = textwrap.dedent("""
     import sys
     import numpy as np, jax, jax.numpy as jnp
-    from exrl.train.checkpoint import Checkpointer
+    from exrl.infra.checkpoint import Checkpointer
     directory, async_save = sys.argv[1], sys.argv[2] == "async"
     ckpt = Checkpointer(directory, keep=2, async_save=async_save)
     start = (ckpt.latest_step() or 0) + 1

@@ -1,6 +1,6 @@
 """Multi-host set-up: flag resolution and fail-fast errors, and real 2-process gloo runs on 127.0.0.1.
 
-The 2-process tests start this file as a worker (`python -m tests.train.test_distributed MODE ...`), each process
+The 2-process tests start this file as a worker (`python -m tests.infra.test_distributed MODE ...`), each process
 with 2 forced CPU devices, and compare against an in-process run on 4 of the 8 test devices (the oracle).
 """
 import json
@@ -27,7 +27,7 @@ def _free_port() -> int:
 def _spawn(mode, n, port, out, extra=(), env_extra=None):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "PYTHONPATH": str(ROOT), **(env_extra or {})}
-  return [subprocess.Popen([sys.executable, "-m", "tests.train.test_distributed", mode, str(i), str(n), str(port),
+  return [subprocess.Popen([sys.executable, "-m", "tests.infra.test_distributed", mode, str(i), str(n), str(port),
                             str(out), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True) for i in range(n)]
 
@@ -47,7 +47,7 @@ def _wait(procs, timeout):
 # ---------------------------------------------------------------- flags and fail-fast errors (no subprocess)
 
 def test_resolve_sources():
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   assert d.resolve(d.DistributedConfig(), env={}).source == "single"
   r = d.resolve(d.DistributedConfig(coordinator="h:1", num_processes=4, process_id=3), env={})
   assert (r.coordinator, r.num_processes, r.process_id, r.source) == ("h:1", 4, 3, "flags")
@@ -69,7 +69,7 @@ def test_resolve_sources():
     (dict(num_processes=2, process_id=0), "needs coordinator"),
 ])
 def test_bad_flags_fail_fast(cfg, message):
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   t0 = time.monotonic()
   with pytest.raises(d.DistributedError, match=message):
     d.init(d.DistributedConfig(**cfg), env={})
@@ -77,14 +77,14 @@ def test_bad_flags_fail_fast(cfg, message):
 
 
 def test_bad_env_names_the_variable():
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   with pytest.raises(d.DistributedError, match="EXRL_PROCESS_ID='x' is not an integer"):
     d.resolve(d.DistributedConfig(), env={"EXRL_COORDINATOR": "h:1", "EXRL_NUM_PROCESSES": "2",
                                           "EXRL_PROCESS_ID": "x"})
 
 
 def test_unreachable_coordinator_is_a_bounded_wait():
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   t0 = time.monotonic()
   with pytest.raises(d.DistributedError, match=r"unreachable after 1 s"):
     d.init(d.DistributedConfig(coordinator=f"127.0.0.1:{_free_port()}", num_processes=2, process_id=1,
@@ -94,8 +94,8 @@ def test_unreachable_coordinator_is_a_bounded_wait():
 
 def test_mesh_that_does_not_fill_the_devices():
   import jax
-  from exrl.train import distributed as d
-  from exrl.train.mesh import MeshConfig
+  from exrl.infra import distributed as d
+  from exrl.infra.mesh import MeshConfig
   with pytest.raises(d.DistributedError, match=r"does not fill the 8 devices \(1 processes x 8 local\)"):
     d.global_mesh(MeshConfig(data=3, fsdp=1, tensor=2))
   with pytest.raises(d.DistributedError, match="fsdp=3"):
@@ -104,8 +104,8 @@ def test_mesh_that_does_not_fill_the_devices():
 
 
 def test_main_only_and_process_rows_single_process():
-  from exrl.train import distributed as d
-  from exrl.train.mesh import MeshConfig
+  from exrl.infra import distributed as d
+  from exrl.infra.mesh import MeshConfig
   calls = []
   assert d.main_only(lambda x: calls.append(x) or 7)(3) == 7 and calls == [3]
   mesh = d.global_mesh(MeshConfig(data=-1, tensor=2))
@@ -127,7 +127,7 @@ def _rows():
 def _single_process_step():
   """The oracle: the same step on 4 in-process devices (mesh data=2, tensor=2), global batch fed directly."""
   import jax
-  from exrl.train import mesh as mesh_lib
+  from exrl.infra import mesh as mesh_lib
   from exrl.train.experience import pack_microbatches
   from exrl.train.step import shard_batch
   from tests.train import test_step as ts
@@ -156,12 +156,12 @@ def _build_step(mesh):
 
 def _worker_step(pid, n, port, out):
   """Each process feeds only its rows (make_array_from_process_local_data); process 0 writes the result."""
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   d.init(d.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=pid,
                              heartbeat_timeout_s=10))
   import jax
   from exrl.train.experience import pack_microbatches
-  from exrl.train.mesh import MeshConfig
+  from exrl.infra.mesh import MeshConfig
   from tests.train import test_step as ts
   assert jax.process_count() == n and jax.local_device_count() == 2 and jax.device_count() == 2 * n
   mesh = d.global_mesh(MeshConfig(2, 1, 2))
@@ -183,7 +183,7 @@ def _save(out, params, metrics, rows):
 
 def _worker_dies(pid, n, port, out):
   """Process 1 dies hard after start-up; process 0 waits in a collective and must be ended by the heartbeat."""
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   d.init(d.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=pid,
                              heartbeat_timeout_s=3))
   from jax.experimental import multihost_utils
@@ -227,11 +227,11 @@ def test_dead_process_ends_the_others_with_an_error(tmp_path):
 
 def _worker_rl(pid, n, port, run_dir, steps):
   """The real RL loop (sampling, verifying, advantages, the step, checkpoints) on a global data=2 x tensor=2 mesh."""
-  from exrl.train import distributed as d
+  from exrl.infra import distributed as d
   if n > 1:
     d.init(d.DistributedConfig(coordinator=f"127.0.0.1:{port}", num_processes=n, process_id=pid,
                                heartbeat_timeout_s=10))
-  from exrl.train.mesh import MeshConfig
+  from exrl.infra.mesh import MeshConfig
   from tests.train import mini_rl
   state, _ = mini_rl.run(run_dir, int(steps), mesh=MeshConfig(2, 1, 2), verify=mini_rl.starts_with_one)
   params = d.to_host(state.params)
@@ -244,7 +244,7 @@ def _flat(params):
 
 
 def _deterministic(run_dir):
-  from exrl.train.metrics import read_jsonl
+  from exrl.infra.metrics import read_jsonl
   return read_jsonl(Path(run_dir) / "metrics.jsonl", deterministic=True)
 
 

@@ -26,7 +26,7 @@ from exrl.envs import make_env
 from exrl.envs.experts import run_expert
 from exrl.models.config import ModelConfig
 from exrl.rollout.multiturn import MultiTurnConfig, Trajectory, agent_text, rollout, trajectory_ids
-from exrl.train.collect_multiturn import EnvProblem, MultiTurnCollector
+from exrl.train.collect.multiturn import EnvProblem, MultiTurnCollector
 from exrl.train.evaluate import wilson_interval
 from exrl.train.sft import SFTConfig, train_sft
 

@@ -11,8 +11,8 @@ from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, Trajectory
 from exrl.rollout.sampler import SamplingConfig
-from exrl.train.agentevol import keep_successes
-from exrl.train.collect_multiturn import EnvProblem, MultiTurnCollector
+from exrl.methods.agentevol import keep_successes
+from exrl.train.collect.multiturn import EnvProblem, MultiTurnCollector
 from exrl.train.rl_loop import RLConfig
 from exrl.train.state import OptimConfig
 from tests.rollout.test_multiturn import TINY, TOK
@@ -79,7 +79,7 @@ def test_collector_rows_and_advantages(tmp_path):
 
 def test_multiturn_grpo_through_the_rl_loop(tmp_path):
   from exrl.models import decoder
-  from exrl.train.agentevol import multiturn_grpo
+  from exrl.methods.agentevol import multiturn_grpo
   config = TINY.config(136, TOK)
   params = decoder.init_params(config, jax.random.key(0))
   state = multiturn_grpo(_rl_cfg(tmp_path), config, params, TOK, ["maze", "wordle"], instances_per_env=4,
@@ -94,7 +94,7 @@ def test_multiturn_grpo_through_the_rl_loop(tmp_path):
 @pytest.mark.slow
 def test_experiment_end_to_end(tmp_path):
   from experiments import agentevol as exp
-  from exrl.train.agentevol import AgentEvolConfig
+  from exrl.methods.agentevol import AgentEvolConfig
   from exrl.train.sft import SFTConfig
   cfg = exp.Config(run_dir=str(tmp_path / "ae"), ks=(1,), model=TINY, vocab_size=320,
                    evol=AgentEvolConfig(envs=("maze", "textcraft"), expert_per_env=6, explore_per_env=4,

@@ -15,7 +15,7 @@ from exrl.rl.losses import LossConfig, policy_loss
 from exrl.rollout.markov import MarkovConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
-from exrl.train.collect_markov import MarkovCollector
+from exrl.train.collect.markov import MarkovCollector
 from exrl.train.experience import pack_microbatches
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig

@@ -1,0 +1,1 @@
+"""Run infrastructure: checkpoints, meshes, multi-host set-up, metrics and plots."""

@@ -1,0 +1,1 @@
+"""Experience collectors: one family over a shared core (core.py)."""
