@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from exrl.infra.checkpoint import Checkpointer, host_rng_state, set_host_rng_state
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _np_state(step: int) -> dict:

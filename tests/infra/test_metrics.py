@@ -15,7 +15,7 @@ from tensorboardX.proto import event_pb2
 from exrl.infra import plot
 from exrl.infra.metrics import MetricsWriter, ProgressBar, deterministic_lines, read_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _step_metrics(step: int) -> dict:

@@ -114,7 +114,7 @@ def _run_script(tmp_path, body: str):
   from pathlib import Path
   script = tmp_path / "script.py"
   script.write_text(body)
-  repo = Path(__file__).resolve().parents[1]
+  repo = Path(__file__).resolve().parents[2]
   env = {**os.environ, "PYTHONPATH": str(repo)}
   return script, subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=240)
 
