@@ -1,15 +1,18 @@
 """One entry point for token statistics; dispatches to the reference, chunked-XLA or Pallas implementation."""
 import jax
 
-from kernels import pallas, reference, xla
+from kernels import pallas, pallas_gpu, reference, xla
 from kernels.stats import TokenStats, check_inputs
 
-IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas")
+IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_gpu")
+# Chunked XLA stays the GPU default until experiments.accelerator_report measures pallas_gpu against it on a GPU.
+GPU_DEFAULT = "xla"
 
 
 def default_implementation():
-  """The Pallas kernel on TPU, chunked XLA elsewhere (CPU, GPU)."""
-  return "pallas" if jax.default_backend() == "tpu" else "xla"
+  """The Pallas kernel on TPU, GPU_DEFAULT on GPU, chunked XLA on CPU."""
+  backend = jax.default_backend()
+  return "pallas" if backend == "tpu" else GPU_DEFAULT if backend == "gpu" else "xla"
 
 
 def token_stats(hidden_NxD, w_DxV, targets_N, *, ref_hidden_NxD=None, ref_w_DxV=None, temperature=1.0,
@@ -23,7 +26,8 @@ def token_stats(hidden_NxD, w_DxV, targets_N, *, ref_hidden_NxD=None, ref_w_DxV=
     ref_hidden_NxD, ref_w_DxV: optional reference model's [N, D_ref] hidden and [D_ref, V] unembedding; both or
       neither. They are stop-gradient; the same temperature applies to them.
     temperature: positive Python float dividing the logits.
-    implementation: "auto" (pallas on TPU, xla elsewhere), "reference", "xla" or "pallas".
+    implementation: "auto" (pallas on TPU, xla elsewhere), "reference", "xla", "pallas" (TPU Mosaic) or
+      "pallas_gpu" (Triton).
   Returns:
     TokenStats of float32[N]: logp, lse, entropy, self_certainty, and with a reference kl = KL(p ‖ p_ref),
     ref_logp, ref_lse. Differentiable with respect to hidden and w through every field.
@@ -32,6 +36,7 @@ def token_stats(hidden_NxD, w_DxV, targets_N, *, ref_hidden_NxD=None, ref_w_DxV=
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
   check_inputs(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD, ref_w_DxV, temperature)
   name = default_implementation() if implementation == "auto" else implementation
-  fn = {"reference": reference.token_stats, "xla": xla.token_stats, "pallas": pallas.token_stats}[name]
+  fn = {"reference": reference.token_stats, "xla": xla.token_stats, "pallas": pallas.token_stats,
+        "pallas_gpu": pallas_gpu.token_stats}[name]
   return fn(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD=ref_hidden_NxD, ref_w_DxV=ref_w_DxV,
             temperature=temperature)
