@@ -63,6 +63,7 @@ Keep the library short and general. Reply with a JSON list of operations only:
 ```"""
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+_MAX_STARTS = 32  # candidate openers tried per source: a reply of many brackets must not cost O(n^2)
 
 
 def policy_prompt(problem: str, library_text: str) -> str:
@@ -96,9 +97,8 @@ def parse_json(text: str, kind: type) -> Any | None:
   decoder = json.JSONDecoder()
   opener = "{" if kind is dict else "["
   for source in [m.group(1) for m in _FENCE.finditer(text)] + [text]:
-    for i, ch in enumerate(source):
-      if ch != opener:
-        continue
+    starts = [i for i, ch in enumerate(source) if ch == opener][:_MAX_STARTS]
+    for i in starts:
       try:
         value, _ = decoder.raw_decode(source, i)
       except (ValueError, RecursionError):
@@ -119,13 +119,11 @@ def _clean(text: Any, max_chars: int) -> str | None:
 def parse_lessons(text: str, max_lessons: int, max_chars: int) -> tuple[list[str] | None, int]:
   """(lessons, items dropped) from an advantage reply; lessons is None when the reply is malformed.
 
-  Accepts {"lessons": [str, ...]} or a bare [str, ...]. Items that are not strings of 1..max_chars characters,
+  Accepts {"lessons": [str, ...]}, or a bare [str, ...] when the reply holds no JSON object. Items that are not strings of 1..max_chars characters,
   and items past max_lessons, are dropped and counted.
   """
   value = parse_json(text, dict)
-  items = value.get("lessons") if isinstance(value, dict) else None
-  if not isinstance(items, list):
-    items = parse_json(text, list)
+  items = value.get("lessons") if isinstance(value, dict) else parse_json(text, list)
   if not isinstance(items, list):
     return None, 0
   good = [c for c in (_clean(x, max_chars) for x in items) if c is not None]

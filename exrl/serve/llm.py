@@ -79,13 +79,13 @@ class LocalLLM:
   """exrl's sampler over (config, params, tokenizer) in this process. Frozen: params are only read.
 
   A call samples its prompts in batches of up to `batch_size` (a smaller call: the next power of two, so small
-  calls compile few shapes), prompt lengths bucketed by `prompt_bucket`; batch i draws with
+  calls compile few shapes), prompt lengths bucketed by `prompt_bucket` (tokens, or "pow2"); batch i draws with
   fold_in(key(seed), i), so a call is deterministic in its prompts and `gen`. A lone prompt samples exactly as
   `sampler.sample(config, params, *pad_prompts([ids], pad, prompt_bucket), fold_in(key(seed), 0), sampling, n)`.
   """
 
   def __init__(self, config: ModelConfig, params, tokenizer, *, name: str = "exrl", batch_size: int = 64,
-               prompt_bucket: int = 16):
+               prompt_bucket: int | str = 16):
     if batch_size < 1:
       raise ValueError(f"LocalLLM batch_size={batch_size} must be >= 1")
     self.config, self.params, self.tokenizer, self.name = config, params, tokenizer, name

@@ -22,7 +22,7 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
   tok = train_sentencepiece(CORPUS, 96, path / "sp" / "tokenizer", byte_fallback=False, seed=seed)
   shutil.copy(path / "sp" / "tokenizer.model", path / "tokenizer.model")
   shutil.rmtree(path / "sp")
-  config = ModelConfig(vocab_size=8 * -(-tok.vocab_size // 8), hidden_size=32, intermediate_size=64, num_layers=2,
+  config = ModelConfig(vocab_size=8 * -(-tok.vocab_size // 8), hidden_size=32, intermediate_size=64, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=8, model_type="qwen2", qkv_bias=True,
                        max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=tok.bos_id,
                        eos_token_ids=(tok.eos_id,), pad_token_id=tok.pad_id)
