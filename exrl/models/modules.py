@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exrl.models import quant
 from exrl.models.config import ModelConfig
 
 _MASK_VALUE = -1e30  # finite, so a fully padded query row averages instead of giving NaN.
@@ -61,8 +62,25 @@ def dense_fused(x, ws: list) -> list:
 
 
 def _param(module: nn.Module, name: str, init, axes: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
-  """A param in `param_dtype` that carries its logical axis names."""
+  """A param in `param_dtype` that carries its logical axis names; a base quantised for QLoRA
+  (`exrl.models.quant`) is dequantised here, one layer at a time, in compute dtype."""
+  w = quant.stored(module, name, shape, module.config.dtype)
+  if w is not None:
+    return w
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.config.pdtype)
+
+
+def _adapted(module: nn.Module, x, ys: list, names: tuple[str, ...], n_in: int = 1) -> list:
+  """ys[i] + (x @ A) @ B for each projection names[i] whose LoRA leaves `{name}_lora_a` [*in, r] and
+  `{name}_lora_b` [*r, out] are in the params (`exrl.models.lora`; B carries the alpha / r scale)."""
+  dt = module.config.dtype
+  out = []
+  for y, name in zip(ys, names):
+    if module.has_variable("params", f"{name}_lora_a"):
+      a, b = (module.get_variable("params", f"{name}_lora_{s}").astype(dt) for s in "ab")
+      y = y + dense(dense(x, a, n_in), b)
+    out.append(y)
+  return out
 
 
 # ----------------------------------------------------------------------------- functions
@@ -220,8 +238,8 @@ class Attention(nn.Module):
     T new k/v go in at slots [index, index+T) and queries attend over all S slots; without one, over the T tokens."""
     c = self.config
     dt = c.dtype
-    q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = dense_fused(x_BxTxD, [self.wq.astype(dt), self.wk.astype(dt),
-                                                           self.wv.astype(dt)])
+    q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = _adapted(self, x_BxTxD, dense_fused(
+        x_BxTxD, [self.wq.astype(dt), self.wk.astype(dt), self.wv.astype(dt)]), ("wq", "wk", "wv"))
     if c.qkv_bias:
       q_BxTxHxE, k_BxTxKxE, v_BxTxKxE = (q_BxTxHxE + self.bq.astype(dt), k_BxTxKxE + self.bk.astype(dt),
                                          v_BxTxKxE + self.bv.astype(dt))
@@ -239,7 +257,7 @@ class Attention(nn.Module):
       v_BxKxSxE = jax.lax.dynamic_update_slice(v_cache, v_BxKxTxE.astype(v_cache.dtype), (0, 0, index, 0))
       cache = (k_BxKxExS, v_BxKxSxE)
       out_BxTxHxE = attend_cached(q_BxTxHxE, k_BxKxExS, v_BxKxSxE, allowed_BxTxS)
-    out_BxTxD = dense(out_BxTxHxE, self.wo.astype(dt), n_in=2)
+    (out_BxTxD,) = _adapted(self, out_BxTxHxE, [dense(out_BxTxHxE, self.wo.astype(dt), n_in=2)], ("wo",), n_in=2)
     if c.o_bias:
       out_BxTxD = out_BxTxD + self.bo.astype(dt)
     return out_BxTxD, cache
@@ -259,8 +277,10 @@ class Mlp(nn.Module):
 
   def __call__(self, x_BxTxD):
     dt = self.config.dtype
-    gate_BxTxF, up_BxTxF = dense_fused(x_BxTxD, [self.w_gate.astype(dt), self.w_up.astype(dt)])
-    return dense(jax.nn.silu(gate_BxTxF) * up_BxTxF, self.w_down.astype(dt))
+    gate_BxTxF, up_BxTxF = _adapted(self, x_BxTxD, dense_fused(x_BxTxD, [self.w_gate.astype(dt), self.w_up.astype(dt)]),
+                                    ("w_gate", "w_up"))
+    h_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+    return _adapted(self, h_BxTxF, [dense(h_BxTxF, self.w_down.astype(dt))], ("w_down",))[0]
 
 
 class Block(nn.Module):
