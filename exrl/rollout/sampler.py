@@ -39,6 +39,12 @@ class SamplingConfig:
   bf16 dot instructions, halves its time (the sampler runs ~15% faster on bench_sampler's model); tokens,
   log-probs and statistics then describe the bf16-head distribution, which differs from the training forward's
   by the weights' rounding (a small rollout/trainer mismatch, as with a bf16 inference engine).
+
+  engine: "static" (`sample`: a batch decodes until its longest row stops) or "continuous" (`exrl.rollout.continuous`:
+  `slots` decode slots refilled as rows finish); `exrl.rollout.engine.generate` dispatches on it.
+  ScaleRL's length interruption (arXiv 2510.13786): when think_budget > 0, a row that has not stopped after
+  think_budget tokens gets `interrupt_token_ids` appended (mask 0: no loss; the caller turns `interrupt_text` into
+  ids with `with_interrupt_tokens`), then at most answer_budget more sampled tokens.
   """
   max_new_tokens: int = 128
   temperature: float = 1.0
@@ -48,10 +54,17 @@ class SamplingConfig:
   greedy: bool = False
   pad_id: int | None = None
   head_dtype: str | None = None
+  engine: str = "static"
+  slots: int = 64  # continuous engine: decode slots (fewer if a call has fewer rows)
+  think_budget: int = 0  # 0: no length interruption
+  interrupt_text: str = "Time is up. The final answer is"
+  interrupt_token_ids: tuple[int, ...] = ()
+  answer_budget: int = 16
 
   def __post_init__(self):
     # A list would make the config unhashable, so normalise to a tuple of ints.
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    object.__setattr__(self, "interrupt_token_ids", tuple(int(t) for t in self.interrupt_token_ids))
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={self.max_new_tokens}; must be >= 1")
     if not self.greedy and not self.temperature > 0:
@@ -63,15 +76,36 @@ class SamplingConfig:
     if self.head_dtype not in (None, "float32", "bfloat16"):
       raise ValueError(f"head_dtype={self.head_dtype!r}; must be None (the model's compute dtype), 'float32' or "
                        f"'bfloat16'")
+    if self.engine not in ("static", "continuous"):
+      raise ValueError(f"engine={self.engine!r}; must be 'static' or 'continuous'")
+    if self.slots < 1:
+      raise ValueError(f"slots={self.slots}; must be >= 1")
+    if self.think_budget < 0 or self.answer_budget < 1:
+      raise ValueError(f"think_budget={self.think_budget} must be >= 0 (0: off) and answer_budget="
+                       f"{self.answer_budget} >= 1")
+    total = self.think_budget + len(self.interrupt_token_ids) + self.answer_budget
+    if self.think_budget and self.interrupt_token_ids and total > self.max_new_tokens:
+      raise ValueError(f"think_budget + len(interrupt_token_ids) + answer_budget = {total} exceeds max_new_tokens="
+                       f"{self.max_new_tokens}")
+
+
+def with_interrupt_tokens(sampling: SamplingConfig, encode) -> SamplingConfig:
+  """`sampling` with interrupt_token_ids = encode(interrupt_text) when length interruption is on and ids are unset."""
+  if not sampling.think_budget or sampling.interrupt_token_ids:
+    return sampling
+  ids = tuple(int(i) for i in encode(sampling.interrupt_text))
+  if not ids:
+    raise ValueError(f"interrupt_text={sampling.interrupt_text!r} encodes to no tokens; length interruption needs some")
+  return dataclasses.replace(sampling, interrupt_token_ids=ids)
 
 
 class SampleOutput(NamedTuple):
   """What `sample` returns (all device arrays).
 
   tokens_BxN: int32 completion tokens, pad_id after a stop. mask_BxN: True for generated tokens
-  up to and including the stop token. logp_BxN: float32 log-prob of each sampled token under the
+  up to and including the stop token (False on injected interruption tokens: no loss). logp_BxN: float32 log-prob of each sampled token under the
   full-vocab distribution at the sampling temperature (before top-k / top-p; RL's old log-probs), 0
-  where masked. lengths_B: int32 number of generated tokens. seq_*_BxS: prompt + completion
+  where masked. lengths_B: int32 number of generated tokens (injected ones included). seq_*_BxS: prompt + completion
   (S = P + N) with its valid mask and positions, ready for `decoder.hidden_states` to re-score; seq
   token s+1 is predicted at s. self_certainty_BxN and entropy_BxN: float32 KL(U ‖ p) and H(p) in nats
   of the distribution each token was drawn from (same temperature), 0 where masked.
@@ -177,6 +211,33 @@ def top_k_indices(x_BxV: jax.Array, k: int) -> jax.Array:
   return jax.lax.optimization_barrier(idx_BxK)
 
 
+def is_row_keys(key: jax.Array) -> bool:
+  """Whether `key` is a batch of PRNG keys (typed [B] or raw uint32 [B, 2]) rather than one key."""
+  return key.ndim == (1 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 2)
+
+
+def step_key(key: jax.Array, t) -> jax.Array:
+  """fold_in(key, t) for one key, or for each of a batch of row keys."""
+  if is_row_keys(key):
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
+  return jax.random.fold_in(key, t)
+
+
+def interrupt(t_B: jax.Array, tok_B: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """ScaleRL length interruption at per-row step t_B: (tokens with the interruption ids forced in
+  [think_budget, think_budget + m), forced_B). Only rows still running reach those steps."""
+  ids = jnp.asarray(sampling.interrupt_token_ids, jnp.int32)
+  j_B = t_B - sampling.think_budget
+  forced_B = (j_B >= 0) & (j_B < ids.shape[0])
+  return jnp.where(forced_B, ids[jnp.clip(j_B, 0, ids.shape[0] - 1)], tok_B), forced_B
+
+
+def check_interrupt(sampling: SamplingConfig) -> None:
+  if sampling.think_budget and not sampling.interrupt_token_ids:
+    raise ValueError(f"think_budget={sampling.think_budget} but interrupt_token_ids is empty; resolve "
+                     f"interrupt_text={sampling.interrupt_text!r} with sampler.with_interrupt_tokens(sampling, encode)")
+
+
 def choose_tokens(logits_BxV: jax.Array, key: jax.Array, sampling: SamplingConfig
                   ) -> tuple[jax.Array, jax.Array]:
   """Pick one token per row; returns (int32 tokens_B, float32 log-probs_B at the sampling temperature)."""
@@ -188,7 +249,7 @@ def choose_tokens_with_stats(logits_BxV: jax.Array, key: jax.Array, sampling: Sa
   """Pick one token per row; returns (tokens_B, logp_B, self_certainty_B, entropy_B).
 
   The statistics are of softmax(logits / T) over the full vocabulary (T = 1 when greedy); one pass of
-  exp over the vocabulary serves the draw and all three.
+  exp over the vocabulary serves the draw and all three. key: one key, or one per row (`is_row_keys`).
   """
   logits_BxV = logits_BxV.astype(jnp.float32)
   B, V = logits_BxV.shape
@@ -203,7 +264,10 @@ def choose_tokens_with_stats(logits_BxV: jax.Array, key: jax.Array, sampling: Sa
   if sampling.greedy:
     tok_B = _argmax(logits_BxV)
   else:
-    u_B = jax.random.uniform(key, (B,), jnp.float32)
+    if is_row_keys(key):  # one key per row: a row's draw does not depend on its batch neighbours
+      u_B = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
+    else:
+      u_B = jax.random.uniform(key, (B,), jnp.float32)
     if sampling.top_k or sampling.top_p < 1:
       # Sorted candidates: the top-k, or the whole vocab only when nucleus needs it.
       idx_BxK = top_k_indices(z_BxV, min(sampling.top_k or V, V))
@@ -224,11 +288,13 @@ TRACE_COUNT = [0]  # bumped each time `generate` is traced; tests use it to chec
 
 
 def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt_tokens_UxP: jax.Array,
-             prompt_valid_UxP: jax.Array, key: jax.Array, num_samples: int = 1) -> SampleOutput:
+             prompt_valid_UxP: jax.Array, key: jax.Array, num_samples: int = 1,
+             budget_B: jax.Array | None = None) -> SampleOutput:
   """The traceable sampler (no input checks; `sample` is the checked, jitted entry point).
 
   Each of the U prompts is prefilled once and sampled `num_samples` times: B = U * num_samples output rows,
-  a prompt's samples adjacent (row b is prompt b // num_samples).
+  a prompt's samples adjacent (row b is prompt b // num_samples). key: one key, or B row keys.
+  budget_B: optional per-row cap on new tokens (<= max_new_tokens).
   """
   TRACE_COUNT[0] += 1
   U, P = prompt_tokens_UxP.shape
@@ -238,14 +304,15 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   params = decoder.unstack_layers(params)
   cache = decoder.init_cache(config, U, P + N, per_layer=True)
   out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_UxP, prompt_valid_UxP, key, N,
-                                 jnp.zeros((B,), bool), num_samples)
-  tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out
+                                 jnp.zeros((B,), bool), num_samples, budget_B=budget_B, interruptible=True)
+  tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out[:5]
+  gen_BxN = out[5] if sampling.think_budget else mask_BxN  # generated, injected interruption tokens included
   prompt_tokens_BxP = jnp.repeat(prompt_tokens_UxP, num_samples, axis=0)
   prompt_valid_BxP = jnp.repeat(prompt_valid_UxP, num_samples, axis=0)
-  seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, mask_BxN], axis=1)
+  seq_valid_BxS = jnp.concatenate([prompt_valid_BxP, gen_BxN], axis=1)
   return SampleOutput(
       tokens_BxN=tokens_BxN, mask_BxN=mask_BxN, logp_BxN=logp_BxN,
-      lengths_B=jnp.sum(mask_BxN, axis=1, dtype=jnp.int32),
+      lengths_B=jnp.sum(gen_BxN, axis=1, dtype=jnp.int32),
       seq_tokens_BxS=jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
       seq_valid_BxS=seq_valid_BxS, seq_positions_BxS=decoder.default_positions(seq_valid_BxS),
       self_certainty_BxN=sc_BxN, entropy_BxN=entropy_BxN)
@@ -253,16 +320,22 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
 
 def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: dict, cache: dict,
                        prefix_tokens_UxQ: jax.Array, prefix_valid_UxQ: jax.Array, key: jax.Array, num_new: int,
-                       done_B: jax.Array, num_samples: int = 1):
+                       done_B: jax.Array, num_samples: int = 1, budget_B: jax.Array | None = None,
+                       interruptible: bool = False):
   """Prefill a left-padded prefix at cache slots [0, Q), then sample up to `num_new` tokens at slots Q, Q+1, ...
 
   params: from `decoder.unstack_layers`; cache: `init_cache(per_layer=True)` for the U prefixes, with at least
   Q + num_new slots. Slots past the prefix are only ever seen after they are written, so a cache can be reused
   without clearing. Each prefix is prefilled once, then its cache is repeated for `num_samples` rows
   (B = U * num_samples, adjacent). Rows with done_B already True emit nothing (pad, mask False). Token t is
-  drawn with fold_in(key, t). Returns ((tokens, mask, logp, self_certainty, entropy), each [B, num_new]; the
-  [B]-row cache; done_B).
+  drawn with fold_in(key, t) (key: one key, or B row keys). budget_B: optional per-row cap on new tokens.
+  Returns ((tokens, mask, logp, self_certainty, entropy), each [B, num_new], plus the generated mask (injected
+  tokens included) when sampling.think_budget; the [B]-row cache; done_B). Length interruption counts steps from
+  token 0 of this call, so only callers that start a completion here (interruptible=True) may enable it.
   """
+  if sampling.think_budget and not interruptible:
+    raise ValueError(f"think_budget={sampling.think_budget}: length interruption is supported by sampler.sample and "
+                     f"the continuous engine, not by this caller (e.g. Delethink chunks)")
   U, Q = prefix_tokens_UxQ.shape
   B, N = U * num_samples, num_new
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
@@ -287,15 +360,29 @@ def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: di
     choice: (tok_B, logp_B, sc_B, entropy_B); out: (tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN).
     """
     tok_B = jnp.where(done_B, pad, choice[0])
-    stats = [jnp.where(done_B, 0.0, x_B) for x_B in choice[1:]]
-    write = lambda x_BxN, x_B: jax.lax.dynamic_update_slice(x_BxN, x_B[:, None].astype(x_BxN.dtype), (0, t))
-    out = tuple(write(x_BxN, x_B) for x_BxN, x_B in zip(out, [tok_B, ~done_B, *stats]))
-    new_done_B = done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    if not sampling.think_budget:
+      stats = [jnp.where(done_B, 0.0, x_B) for x_B in choice[1:]]
+      write = lambda x_BxN, x_B: jax.lax.dynamic_update_slice(x_BxN, x_B[:, None].astype(x_BxN.dtype), (0, t))
+      out = tuple(write(x_BxN, x_B) for x_BxN, x_B in zip(out, [tok_B, ~done_B, *stats]))
+      new_done_B = done_B | jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1)
+    else:
+      tok_B, forced_B = interrupt(jnp.full((B,), t, jnp.int32), tok_B, sampling)
+      tok_B = jnp.where(done_B, pad, tok_B)
+      loss_B = ~done_B & ~forced_B
+      stats = [jnp.where(loss_B, x_B, 0.0) for x_B in choice[1:]]
+      write = lambda x_BxN, x_B: jax.lax.dynamic_update_slice(x_BxN, x_B[:, None].astype(x_BxN.dtype), (0, t))
+      out = tuple(write(x_BxN, x_B) for x_BxN, x_B in zip(out, [tok_B, loss_B, *stats, ~done_B]))
+      stop_B = jnp.any(tok_B[:, None] == stop_ids[None, :], axis=-1) & ~forced_B
+      end = sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
+      new_done_B = done_B | stop_B | (t + 1 >= end)
+    if budget_B is not None:
+      new_done_B = new_done_B | (t + 1 >= budget_B)
     return tok_B, new_done_B, out
 
   zeros = lambda dt: jnp.zeros((B, N), dt)
   out = (zeros(jnp.int32), zeros(bool), zeros(jnp.float32), zeros(jnp.float32), zeros(jnp.float32))
-  choice = choose_tokens_with_stats(logits_BxV, jax.random.fold_in(key, 0), sampling)
+  out = out + (zeros(bool),) if sampling.think_budget else out
+  choice = choose_tokens_with_stats(logits_BxV, step_key(key, 0), sampling)
   tok_B, done_B, out = emit(0, choice, done_B, out)
 
   def cond(carry):
@@ -307,7 +394,7 @@ def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: di
     # Token t-1 goes in at slot Q+t-1 and position len+t-1; it predicts token t.
     h_Bx1xD, cache = decoder.decode_step(config, params, prev_tok_B[:, None], (prefix_len_B + t - 1)[:, None],
                                          jnp.ones((B, 1), bool), cache, Q + t - 1)
-    choice = choose_tokens_with_stats(project(h_Bx1xD[:, 0]), jax.random.fold_in(key, t), sampling)
+    choice = choose_tokens_with_stats(project(h_Bx1xD[:, 0]), step_key(key, t), sampling)
     tok_B, done_B, out = emit(t, choice, done_B, out)
     return t + 1, tok_B, done_B, cache, out
 
@@ -354,16 +441,31 @@ def check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig) -
 
 
 def sample(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_UxP, key: jax.Array,
-           sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1) -> SampleOutput:
+           sampling: SamplingConfig = SamplingConfig(), num_samples: int = 1, *, keys_B: jax.Array | None = None,
+           budget_B=None) -> SampleOutput:
   """Sample `num_samples` completions of each left-padded prompt (see `pad_prompts`); jitted per shape bucket.
 
   prompt_tokens_UxP int, prompt_valid_UxP bool (False on the left padding). The output has U * num_samples
   rows, a prompt's samples adjacent; each prompt is prefilled once (a GRPO group shares its prompt's cache), and
   the result equals sampling the prompts repeated row by row. Deterministic in `key`.
+  keys_B: per-row keys instead of `key` (row b draws token t with fold_in(keys_B[b], t), so a row's tokens do not
+  depend on its neighbours: what the continuous engine does); budget_B: per-row caps on new tokens.
   Raises ValueError on bad input (empty batch, right padding, too-long prompts, num_samples < 1, ...).
   """
   if not isinstance(num_samples, int) or num_samples < 1:
     raise ValueError(f"num_samples={num_samples!r}; must be an int >= 1")
   check_inputs(config, prompt_tokens_UxP, prompt_valid_UxP, sampling)
+  check_interrupt(sampling)
+  B = len(prompt_tokens_UxP) * num_samples
+  if keys_B is not None:
+    if not is_row_keys(keys_B) or keys_B.shape[0] != B:
+      raise ValueError(f"keys_B has shape {keys_B.shape}; need one key per output row ({B})")
+    key = keys_B
+  if budget_B is not None:
+    budget_B = np.asarray(budget_B)
+    if budget_B.shape != (B,) or budget_B.min() < 1 or budget_B.max() > sampling.max_new_tokens:
+      raise ValueError(f"budget_B must be [{B}] ints in [1, max_new_tokens={sampling.max_new_tokens}]; got shape "
+                       f"{budget_B.shape}, range [{budget_B.min()}, {budget_B.max()}]")
+    budget_B = jnp.asarray(budget_B, jnp.int32)
   return _generate_jit(config, sampling, params, jnp.asarray(prompt_tokens_UxP), jnp.asarray(prompt_valid_UxP), key,
-                       num_samples)
+                       num_samples, budget_B)
