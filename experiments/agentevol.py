@@ -29,6 +29,8 @@ import numpy as np
 import tyro
 
 from experiments import common
+from exrl import cli
+from exrl.infra import runlock
 from exrl.envs import make_env
 from exrl.envs.experts import run_expert
 from exrl.rl.losses import LossConfig
@@ -114,6 +116,7 @@ def plot(results: dict, envs, ks, path: Path) -> None:
   plt.close(fig)
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   t0 = time.time()
   run_dir = Path(cfg.run_dir)
@@ -154,4 +157,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  cli.run(lambda: main(tyro.cli(Config)))

@@ -26,10 +26,12 @@ import jax.numpy as jnp
 import tyro
 
 from experiments import common
+from exrl import cli
 from exrl.curriculum.source import TaskSource
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
+from exrl.infra import runlock
 from exrl.infra.metrics import read_jsonl
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig
@@ -72,6 +74,7 @@ def model_flops(config, tokens: float, seq_len: float, factor: int) -> float:
   return factor * n_params * tokens + (factor // 2) * attn * tokens
 
 
+@runlock.holding(lambda cfg: cfg.out_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   out_dir = Path(cfg.out_dir)
   run_dir = out_dir / "run"
@@ -120,4 +123,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  cli.run(lambda: main(tyro.cli(Config)))

@@ -42,6 +42,7 @@ from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks.running_sum import RunningSumTask
 from exrl.train.collect.markov import MarkovCollector
 from exrl.train.evaluate import generate_texts, wilson_interval
+from exrl.infra import runlock
 from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
@@ -91,6 +92,7 @@ def budget_eval(cfg: Config, model_config, params, tokenizer, problems, budget: 
           "examples": texts[:2], "acc_by_steps": by_steps}
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   t0 = time.time()
   run_dir = Path(cfg.run_dir)

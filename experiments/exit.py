@@ -37,6 +37,7 @@ import numpy as np
 import tyro
 
 from experiments import common
+from exrl import cli
 from exrl.curriculum.exit_source import ExItConfig, ExItSource
 from exrl.curriculum.source import TaskSource
 from exrl.rl.advantages import AdvantageConfig
@@ -49,6 +50,7 @@ from exrl.tokenizer import load_tokenizer, train_sentencepiece
 from exrl.train.collect.groups import GroupCollector
 from exrl.train.diversity import DiversityBonusCollector
 from exrl.train.evaluate import generate_texts, wilson_interval
+from exrl.infra import runlock
 from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
@@ -249,6 +251,7 @@ def aggregate(paths, ks, out_png: Path | None = None) -> dict:
   return out
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   if cfg.aggregate:
     out = aggregate(cfg.aggregate, cfg.eval_k, Path(cfg.run_dir) / "k_step_seeds.png")
@@ -324,4 +327,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  cli.run(lambda: main(tyro.cli(Config)))

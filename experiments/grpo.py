@@ -37,6 +37,7 @@ from exrl import cli
 from exrl.tasks import MathDatasetTask
 from exrl.tasks.math_data import drop_long_prompts
 from exrl.tokenizer import load_tokenizer
+from exrl.infra import lineage, runlock
 from exrl.infra.checkpoint import export_hf
 from exrl.train.evaluate import EvalConfig
 from exrl.train.rl_loop import RLConfig, train_rl
@@ -89,6 +90,10 @@ PRESETS = {
 }
 
 
+# Args fields a resume may change (exrl.infra.lineage); the rest, and any field added later, define the run.
+_OBSERVE_ONLY = ("model", "data", "eval_problems", "export", "export_dtype", "distributed")
+
+
 def make_source(args: Args, train) -> ProblemSource:
   """The training problems' source: epochs over the dataset, behind the pass-rate filter when asked."""
   source = DatasetSource(train, seed=args.rl.seed)
@@ -102,6 +107,7 @@ def parse(argv: list[str]) -> Args:
   return tyro.extras.overridable_config_cli(PRESETS, args=argv, description=__doc__)
 
 
+@runlock.holding(lambda args: args.rl.run_dir)  # one live launch per run dir, through the export
 def main(args: Args) -> dict:
   """Check the flags, the tokenizer and the dataset first (seconds), then load the model (minutes)."""
   if not args.model or not args.data:
@@ -130,6 +136,10 @@ def main(args: Args) -> dict:
     raise ValueError(f"the longest prompt ({prompt_len} tokens) + max new tokens = {longest} exceeds the model's "
                      f"max_position_embeddings={hf_config.max_position_embeddings}; lower --max-prompt-tokens or "
                      f"--rl.sampling.max-new-tokens / --rl.eval.sampling.max-new-tokens")
+  # The data file's bytes define the run (its path may move); the weights are fingerprinted by the trainer.
+  lineage.declare(args.rl.run_dir, "experiment",
+                  {**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name != "rl"},
+                   "data_sha256": lineage.file_sha256(args.data)}, observe_only=_OBSERVE_ONLY)
   config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)

@@ -38,9 +38,11 @@ import numpy as np
 import tyro
 
 from experiments import common, quickstart
+from exrl import cli
 from exrl.curriculum.source import TaskSource
 from exrl.tasks import get_task
 from exrl.train.evaluate import evaluate, wilson_interval
+from exrl.infra import runlock
 from exrl.infra.metrics import read_jsonl
 from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
@@ -133,6 +135,7 @@ def pooled(per_seed: list[dict], arm: str, split: str, key: str) -> dict:
   return {"mean": float(np.mean(vals)), "per_seed": vals, "ci95": list(wilson_interval(hits, n)), "n": n}
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   t0 = time.time()
   run_dir = Path(cfg.run_dir)
@@ -165,4 +168,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-  main(tyro.cli(Config))
+  cli.run(lambda: main(tyro.cli(Config)))

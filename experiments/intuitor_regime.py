@@ -45,6 +45,7 @@ from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
 from exrl.tasks.math_data import extract_answer
 from exrl.train.evaluate import EvalConfig, answer_probe, evaluate, wilson_interval
+from exrl.infra import runlock
 from exrl.infra.metrics import read_jsonl
 from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
@@ -217,6 +218,7 @@ def plot_accuracy(summary: dict, path: Path) -> None:
   plt.close(fig)
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   t0 = time.time()
   run_dir = Path(cfg.run_dir)

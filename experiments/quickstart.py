@@ -34,6 +34,7 @@ from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
 from exrl.tasks.math_data import extract_answer
 from exrl.train.evaluate import EvalConfig, answer_probe, evaluate
+from exrl.infra import runlock
 from exrl.infra.plot import plot_runs
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
@@ -74,6 +75,7 @@ def rl_config(cfg: Config, name: str, reward: str) -> RLConfig:
                              eval=dataclasses.replace(cfg.rl.eval, seed=cfg.seed + 1))
 
 
+@runlock.holding(lambda cfg: cfg.run_dir)  # one live launch per run dir, set-up to last write
 def main(cfg: Config) -> dict:
   t0 = time.time()
   run_dir = Path(cfg.run_dir)

@@ -7,9 +7,10 @@ Parse argv inside the callable: `run` removes `--debug` from sys.argv first, and
 found while parsing is then reported the same way.
 
 Caught (exit status 2): missing / unreadable / unwritable paths, disk full, bad JSON, missing config
-keys, bad UTF-8, bad values (ValueError), checkpoint errors, and orbax / tensorstore errors whose root
-cause is one of those. The line is `error: <what>` and names the file, field or value the exception
-carries. Anything else is a bug and keeps its traceback (exit status 1).
+keys, bad UTF-8, bad values (ValueError), checkpoint errors, a run directory another live launch holds
+(RunLockedError), a resume under a config that changes the experiment (ConfigChangedError), and orbax /
+tensorstore errors whose root cause is one of those. The line is `error: <what>` and names the file, field
+or value the exception carries. Anything else is a bug and keeps its traceback (exit status 1).
 
 `--debug` anywhere on the command line (removed before `main` parses argv) or `EXRL_DEBUG=1` shows the
 full traceback and leaves logging untouched. Without it, orbax's ERROR log records (a background save
@@ -102,7 +103,8 @@ def _is_instance(e: BaseException, module: str, *names: str) -> bool:
 def user_error_message(e: BaseException) -> str | None:
   """The one-line message for an expected user error, or None for a bug (which keeps its traceback)."""
   if _is_instance(e, "exrl.infra.checkpoint", "CheckpointError", "CheckpointWriteError") or _is_instance(
-      e, "exrl.tasks.pool", "WorkerStartError"):
+      e, "exrl.tasks.pool", "WorkerStartError") or _is_instance(e, "exrl.infra.runlock", "RunLockedError") or (
+      _is_instance(e, "exrl.infra.lineage", "ConfigChangedError")):
     return _one_line(e.strerror if isinstance(e, OSError) and e.strerror else str(e))
   if isinstance(e, json.JSONDecodeError):
     where = _file_in_frames(e)

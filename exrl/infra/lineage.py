@@ -35,7 +35,8 @@ import numpy as np
 CONFIG_FILE = "config.json"
 _KEY = "lineage"
 _CONFIG = "config"  # the trainer config's section; its paths carry no prefix (`optim.lr`, as the --rl.optim.lr flag)
-_ALWAYS = ("run_dir", "restart", "allow_config_change")  # where and how to (re)start, never what is trained
+_ALWAYS = ("run_dir",)  # where the run lives (its spelling may change), never what is trained
+_LAUNCH = ("restart", "allow_config_change")  # how this launch starts: neither compared nor recorded as a change
 # Per config class: paths (or path prefixes) that only extend or observe the run, or place the same computation.
 OBSERVE_ONLY: dict[str, tuple[str, ...]] = {
     "RLConfig": ("steps", "eval_every", "eval.batch_size", "eval.samples_per_problem", "eval.greedy",
@@ -134,7 +135,7 @@ def _allowed(path: str, observe: Sequence[str]) -> bool:
 def compare(old: Mapping, new: Mapping, observe: Sequence[str]) -> tuple[dict, dict, dict]:
   """(defining, observing, unmatched) changes between two records, {path: [old, new]} each; `unmatched` holds
   paths present in one record only, the missing side as "<absent>"."""
-  a, b = flatten(old), flatten(new)
+  a, b = ({p: v for p, v in flatten(r).items() if p not in _LAUNCH} for r in (old, new))
   defining, observing, unmatched = {}, {}, {}
   for path in sorted(a.keys() | b.keys()):
     if path not in a or path not in b:

@@ -69,6 +69,7 @@ class RLConfig:
   max_skips_in_row: int = 3  # stop after this many consecutive non-finite updates
   verifier_timeout_s: float = 5.0
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
+  allow_config_change: bool = False  # resume under a config that changes the experiment; recorded (infra.lineage)
   kl_monitor: bool = True  # score the reference for a logged KL even when the loss does not need it (β = 0)
   remat: bool | None = None  # None: on for models of >= 100M parameters (trainer.resolve_remat)
   fp32_head: bool = False  # ScaleRL: the LM head (its input and unembedding) in fp32 when compute is bf16
@@ -142,7 +143,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
                                      mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),
                   keep_checkpoints=cfg.keep_checkpoints,
                   total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True,
-                  restart=cfg.restart, frozen=ref_params) as run:
+                  restart=cfg.restart, frozen=ref_params, allow_config_change=cfg.allow_config_change) as run:
       row_multiple = mesh_lib.batch_divisor(run.mesh)
       ref_params = jax.device_put(ref_params, run.state_shardings.params)
       if run.start:

@@ -37,6 +37,7 @@ class SFTConfig:
   fp32_head: bool = False  # the LM head (its input and unembedding) in fp32 when compute is bf16 (ScaleRL)
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
+  allow_config_change: bool = False  # resume under a config that changes the experiment; recorded (infra.lineage)
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "num_microbatches", "max_len", "checkpoint_every", "keep_checkpoints"):
@@ -85,7 +86,7 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=loss_fn,
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
                 bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False,
-                restart=cfg.restart) as run:
+                restart=cfg.restart, allow_config_change=cfg.allow_config_change) as run:
     check_mesh_batch(run.mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
     M = cfg.num_microbatches
     for step in range(run.start, cfg.steps):

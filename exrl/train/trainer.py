@@ -3,8 +3,9 @@
   with open_run(run_dir, cfg, model_config, params, optimizer=..., loss_fn=..., ...) as run:
     for step in range(run.start, steps): ... run.state, m = run.step_fn(run.state, batch, frozen) ...
 
-On entry the newest checkpoint in `run_dir/ckpt` is restored (with its meta, e.g. the problem source's
-state); on exit the checkpointer is drained and every writer closed, even when the body raised.
+On entry run_dir's lock is taken (exrl.infra.runlock), a resume's config is checked against the run's
+(exrl.infra.lineage), and the newest checkpoint in `run_dir/ckpt` is restored (with its meta, e.g. the problem
+source's state); on exit the checkpointer is drained and every writer closed, even when the body raised.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import jax
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
+from exrl.infra import lineage, runlock
 from exrl.infra import mesh as mesh_lib
 from exrl.infra.checkpoint import Checkpointer
 from exrl.infra.distributed import NullWriter
@@ -132,15 +134,38 @@ class Run:
 def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
              mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
              bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
-             restart: bool = False, frozen=None) -> Iterator[Run]:
+             restart: bool = False, frozen=None, allow_config_change: bool = False) -> Iterator[Run]:
   """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json.
 
   frozen: the frozen tree the step will take (the RL reference), only to print its share of the memory plan.
   A damaged newest checkpoint is quarantined and the newest one that restores is used; if step dirs exist
   and none restores, this raises rather than silently starting over, unless `restart`.
+  The run holds run_dir's lock throughout (`runlock`: a second live launch raises RunLockedError), and a
+  resume under a config that changes the experiment raises ConfigChangedError unless `allow_config_change`
+  (`lineage`; the change is then recorded in config.json's history). Both checks come before any set-up.
   """
-  run_dir = Path(run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
+  with runlock.hold(run_dir):  # the caller's spelling: a gs:// URL gets its local stand-in lock
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = lineage.make_record(run_dir, config_json(cfg), config_json(model_config),
+                                 lineage.params_fingerprint(params))
+    steps = [int(p.name) for p in (run_dir / "ckpt").glob("*") if p.name.isdigit() and p.is_dir()]
+    pending = lineage.check(run_dir, record, lineage.observe_only(run_dir, type(cfg).__name__),
+                            resume_step=max(steps) if steps else None, allow=allow_config_change,
+                            flag=f"--{desc}.allow-config-change")
+    with _open_run(run_dir, model_config, params, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
+                   mesh_config=mesh_config, keep_checkpoints=keep_checkpoints, total_steps=total_steps,
+                   bar_fields=bar_fields, desc=desc, frozen_shardings_like_params=frozen_shardings_like_params,
+                   restart=restart, frozen=frozen,
+                   write_config=lambda start: lineage.commit(run_dir, record, pending, start)) as run:
+      yield run
+
+
+@contextlib.contextmanager
+def _open_run(run_dir: Path, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
+              mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
+              bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
+              restart: bool, frozen, write_config) -> Iterator[Run]:
   enable_compilation_cache()
   mesh = mesh_lib.make_mesh(mesh_config)
   state, state_sh = setup_state(model_config, params, optimizer, seed, mesh)
@@ -163,7 +188,7 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
     # Multi-host: process 0 alone writes metrics and config.json (every process runs this same loop).
     writer = MetricsWriter(run_dir, resume_step=start if start else None) if jax.process_index() == 0 else NullWriter()
     if jax.process_index() == 0:
-      (run_dir / "config.json").write_text(json.dumps(config_json(cfg), indent=2))
+      write_config(start)
     bar = ProgressBar(total_steps, dict(bar_fields), initial=start, desc=desc)
     yield Run(run_dir, mesh, state, state_sh, step_fn, ckpt, writer, bar, start, meta or {})
   finally:
