@@ -32,7 +32,7 @@ class Layout:
   max_position_embeddings: int = 32768
 
 
-TINY_LAYOUT = Layout(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+TINY_LAYOUT = Layout(vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
                      num_kv_heads=2, max_position_embeddings=2048)
 
 
@@ -77,9 +77,17 @@ class Checkpoint:
     self._dir = tempfile.TemporaryDirectory()
     self.path = Path(self._dir.name)
     self.model.save_pretrained(self.path)
+    self._fp32 = None
 
   def load(self, param_dtype: str, compute_dtype: str):
-    return hf.load(self.path, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    """(ModelConfig, params) from the saved checkpoint, read once in fp32; every call returns fresh buffers
+    (a train step may donate them), cast on the device as `hf.load(param_dtype=...)` would."""
+    if self._fp32 is None:
+      self._fp32 = hf.load(self.path, param_dtype="float32", compute_dtype="float32")
+    config, params = self._fp32
+    dtype = jnp.dtype(param_dtype)
+    return (config.replace(param_dtype=param_dtype, compute_dtype=compute_dtype),
+            jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params))
 
 
 # ----------------------------------------------------------------------------- HF parity
