@@ -217,9 +217,9 @@ def is_row_keys(key: jax.Array) -> bool:
 
 
 def step_key(key: jax.Array, t) -> jax.Array:
-  """fold_in(key, t) for one key, or for each of a batch of row keys."""
+  """fold_in(key, t) for one key, or for each of a batch of row keys (t: one step, or one per row)."""
   if is_row_keys(key):
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, t)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, 0 if jnp.ndim(t) else None))(key, t)
   return jax.random.fold_in(key, t)
 
 
