@@ -35,7 +35,6 @@ from exrl.envs import make_env
 from exrl.envs.experts import run_expert
 from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, agent_text, instruction_text, observation_text
-from exrl.rollout.sampler import SamplingConfig
 from exrl.tokenizer import load_tokenizer, train_sentencepiece
 from exrl.methods.agentevol import AgentEvolConfig, agentevol, evaluate_agent, multiturn_grpo
 from exrl.train.rl_loop import RLConfig
@@ -62,7 +61,7 @@ class Config:
       sft=SFTConfig(batch_size=16, max_len=512, optim=OptimConfig(lr=3e-3, warmup_frac=0.05, min_lr_ratio=0.1)),
       rollout=MultiTurnConfig(max_new_tokens=24, max_len=512), rollout_batch=64)
   grpo_steps: int = 0  # > 0 adds the multi-turn GRPO arm (from the BC model) for comparison
-  grpo: RLConfig = RLConfig(prompts_per_step=8, group_size=4, sampling=SamplingConfig(temperature=1.0),
+  grpo: RLConfig = RLConfig(prompts_per_step=8, group_size=4,
                             loss=LossConfig(kl_beta=0.0), optim=OptimConfig(lr=1e-4, warmup_frac=0.0),
                             checkpoint_every=1000, kl_monitor=False)
 
@@ -139,10 +138,10 @@ def main(cfg: Config) -> dict:
                          for it in out["iterations"]]
     print(f"[agentevol] K={k} done at {time.time() - t0:.0f} s", flush=True)
   if cfg.grpo_steps:
-    rl = dataclasses.replace(cfg.grpo, run_dir=str(run_dir / "grpo"), steps=cfg.grpo_steps, seed=cfg.seed,
-                             sampling=dataclasses.replace(cfg.grpo.sampling, max_new_tokens=evol.rollout.max_new_tokens))
+    rl = dataclasses.replace(cfg.grpo, run_dir=str(run_dir / "grpo"), steps=cfg.grpo_steps, seed=cfg.seed)
     state = multiturn_grpo(rl, model_config, bc[0], tokenizer, evol.envs, env_seed=evol.env_seed,
-                           instances_per_env=evol.explore_per_env, rollout_cfg=evol.rollout)
+                           instances_per_env=evol.explore_per_env, rollout_cfg=evol.rollout,
+                           success_threshold=evol.reward_threshold)
     results[f"GRPO {cfg.grpo_steps} steps"] = evaluate_agent(evol, model_config, state.params, tokenizer)
   table = markdown(results, evol.envs)
   print("\n" + table, flush=True)

@@ -5,7 +5,7 @@ usage() {
   cat <<USAGE
 usage: launch.sh --name NAME --zone ZONE --project PROJECT [--log LOG] [--env K=V ...] [--dry-run] -- COMMAND...
 Run COMMAND (e.g. python -m experiments.grpo ...) on all workers at once, one process per host.
-EXRL_DISTRIBUTED=1 is set, so the entry point calls exrl.infra.distributed.initialize(), which on a TPU pod
+EXRL_DISTRIBUTED=1 is set, so the entry point calls exrl.infra.distributed.init(), which on a TPU pod
 reads the coordinator, process count and id from the TPU metadata; every host then joins one global Mesh.
   --log LOG     log file name under ~/REMOTE_DIR/logs (default run; tail it with logs.sh --log LOG)
   --env K=V     extra environment variable for COMMAND (repeatable), e.g. --env XLA_FLAGS=...

@@ -17,16 +17,7 @@ import math
 import random
 from typing import Any, Sequence
 
-
-
-def rng_state(rng: random.Random) -> dict:
-  """JSON-serialisable state of a python RNG (curriculum sits below exrl.train, so no import from there)."""
-  version, internal, gauss = rng.getstate()
-  return {"version": version, "internal": list(internal), "gauss": gauss}
-
-
-def set_rng_state(rng: random.Random, state: dict) -> None:
-  rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+from exrl.infra.rng import host_rng_state, set_host_rng_state
 
 
 class TaskBuffer:
@@ -108,7 +99,7 @@ class TaskBuffer:
 
   def state_dict(self) -> dict:
     return {"capacity": self.capacity, "kappa": self.kappa, "entries": [dict(e) for e in self.entries],
-            "next_id": self.next_id, "rng": rng_state(self.rng), "counts": dict(self.counts)}
+            "next_id": self.next_id, "rng": host_rng_state(self.rng), "counts": dict(self.counts)}
 
   def load_state_dict(self, state: dict) -> None:
     if state["capacity"] != self.capacity or state["kappa"] != self.kappa:
@@ -116,5 +107,5 @@ class TaskBuffer:
                        f"capacity={self.capacity} kappa={self.kappa}; resume with the same settings")
     self.entries = [dict(e) for e in state["entries"]]
     self.next_id = int(state["next_id"])
-    set_rng_state(self.rng, state["rng"])
+    set_host_rng_state(self.rng, state["rng"])
     self.counts = dict(state["counts"])

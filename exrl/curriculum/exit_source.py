@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exrl.curriculum.buffer import TaskBuffer, rng_state, set_rng_state
+from exrl.curriculum.buffer import TaskBuffer
+from exrl.infra.rng import host_rng_state, set_host_rng_state
 from exrl.tasks import pool as pool_lib
 from exrl.tasks import self_iteration as si
 from exrl.tasks.base import Problem
@@ -180,7 +181,7 @@ class ExItSource:
 
   def state_dict(self) -> dict:
     return {"kind": "exit", "config": dataclasses.asdict(self.cfg), "base": self.base.state_dict(),
-            "buffer": self.buffer.state_dict(), "rng": rng_state(self.rng), "counts": dict(self.counts)}
+            "buffer": self.buffer.state_dict(), "rng": host_rng_state(self.rng), "counts": dict(self.counts)}
 
   def load_state_dict(self, state: dict) -> None:
     mine = dataclasses.asdict(self.cfg)
@@ -189,5 +190,5 @@ class ExItSource:
                        f"{mine}; resume with the same config, or start a new run_dir")
     self.base.load_state_dict(state["base"])
     self.buffer.load_state_dict(state["buffer"])
-    set_rng_state(self.rng, state["rng"])
+    set_host_rng_state(self.rng, state["rng"])
     self.counts = dict(state["counts"])

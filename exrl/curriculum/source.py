@@ -9,11 +9,17 @@ The contract (`ProblemSource`):
     uninterrupted one would.
 `TaskSource` and `DatasetSource` are pure functions of (seed, step, n); their state is their identity,
 and `load_state_dict` checks that a resumed run uses the same source.
+
+Multi-host: `train_rl` asks each process for its own n = prompts_per_step / process_count problems. A source that
+yields each process its own share says so with `per_process = True`; the stateless sources here draw the global
+batch of the step and hand each process its contiguous slice, so the run sees the problems one process would.
 """
 from __future__ import annotations
 
 import random
 from typing import Protocol, Sequence
+
+import jax
 
 from exrl.tasks.base import Problem
 
@@ -26,7 +32,17 @@ class ProblemSource(Protocol):
 
 
 class StatelessSource:
-  """Base for sources that are pure functions of the step: no feedback, and state is identity only."""
+  """Base for sources that are pure functions of the step: no feedback, and state is identity only.
+
+  Subclasses implement `draw(step, n)`, the step's global batch; `batch` hands this process its slice of it.
+  """
+
+  per_process = True
+
+  def batch(self, step: int, n: int) -> list[Problem]:
+    procs, me = jax.process_count(), jax.process_index()
+    problems = self.draw(step, n * procs)
+    return problems[me * n:(me + 1) * n]
 
   def update(self, problems: Sequence[Problem], experience) -> None:
     del problems, experience
@@ -44,7 +60,7 @@ class TaskSource(StatelessSource):
   def __init__(self, task, seed: int = 0):
     self.task, self.seed = task, seed
 
-  def batch(self, step: int, n: int) -> list[Problem]:
+  def draw(self, step: int, n: int) -> list[Problem]:
     # unique=False: a small task space must not run out over many steps.
     return self.task.generate(n, seed=self.seed * 1_000_003 + step, split="train", unique=False)
 
@@ -65,7 +81,7 @@ class DatasetSource(StatelessSource):
     random.Random(f"{self.seed}|{epoch}").shuffle(order)
     return order
 
-  def batch(self, step: int, n: int) -> list[Problem]:
+  def draw(self, step: int, n: int) -> list[Problem]:
     out, size = [], len(self.problems)
     for i in range(step * n, step * n + n):
       epoch, pos = divmod(i, size)

@@ -4,7 +4,8 @@
   init(DistributedConfig())   # from EXRL_COORDINATOR/EXRL_NUM_PROCESSES/EXRL_PROCESS_ID, SLURM, or a TPU pod
 
 Sources, in order: the flags; EXRL_* variables; SLURM (SLURM_NTASKS, SLURM_PROCID, first host of SLURM_JOB_NODELIST
-on EXRL_COORDINATOR_PORT, default 12345); on a TPU pod jax reads everything from the TPU metadata (no flags).
+on EXRL_COORDINATOR_PORT, default 12345); on a TPU pod (or with EXRL_DISTRIBUTED=1, as tpu_scripts/launch.sh sets)
+jax reads everything from the TPU metadata (no flags).
 Bad flags fail before anything waits on the network: a process id outside [0, num_processes), a coordinator that
 is not host:port, a coordinator no TCP connection reaches within `connect_timeout_s` (checked by every process but
 the one that hosts it), and, after start-up, a mesh that the global device count does not fill. A process that
@@ -82,7 +83,8 @@ def resolve(cfg: DistributedConfig, env: Mapping[str, str] | None = None) -> Res
     port = env.get("EXRL_COORDINATOR_PORT", "12345")
     r = Resolved(f"{host}:{port}", _int("SLURM_NTASKS", env["SLURM_NTASKS"]),
                  _int("SLURM_PROCID", env["SLURM_PROCID"]), "slurm")
-  elif any(k in env for k in ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")):
+  elif env.get("EXRL_DISTRIBUTED") or any(k in env for k in ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID",
+                                                                "CLOUD_TPU_TASK_ID")):
     return Resolved(None, None, None, "tpu")  # jax's TPU cluster detection fills everything in
   else:
     return Resolved(None, 1, 0, "single")
@@ -187,6 +189,46 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, row_axis: in
     global_shape[row_axis] *= jax.process_count()
     out[name] = jax.make_array_from_process_local_data(sharding, x, tuple(global_shape))
   return out
+
+
+# ---- host values every process must agree on, and rows between processes and the global batch
+
+
+def agree_max(value: int) -> int:
+  """The largest of every process's `value` (one process: `value`)."""
+  return int(host_allgather(np.asarray([value])).max())
+
+
+def global_rows(local_BxN: np.ndarray, mesh) -> jax.Array:
+  """This process's rows -> one global array, rows over the mesh's batch axes, in process order."""
+  x = np.asarray(local_BxN)
+  sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES, *[None] * (x.ndim - 1)))
+  return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:]))
+
+
+def local_rows(tree, mesh):
+  """Global arrays (rows first) -> host numpy of this process's contiguous block of rows."""
+  from jax.experimental import multihost_utils
+
+  def one(x):
+    spec = P(mesh_lib.BATCH_AXES, *[None] * (x.ndim - 1))
+    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, spec))(x)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+  return jax.tree.map(one, tree)
+
+
+def host_allgather(tree):
+  """Host arrays of every process, concatenated along the first axis in process order (one process: unchanged)."""
+  if jax.process_count() == 1:
+    return tree
+  from jax.experimental import multihost_utils
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(np.atleast_1d(np.asarray(x)), tiled=True))
+  return jax.tree.map(gather, tree)
+
+
+def agree_sum(value) -> float:
+  """The sum of every process's `value`."""
+  return float(host_allgather(np.asarray([value])).sum())
 
 
 def is_main() -> bool:

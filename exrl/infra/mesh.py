@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
@@ -61,20 +60,3 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
-
-def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, cpu_collectives: str = "gloo") -> None:
-  """Start `jax.distributed` for multi-host runs (TPU pods pick everything up from the environment).
-
-  On CPU (tests, localhost) gloo collectives are selected; pass the coordinator address,
-  process count and id, or set EXRL_COORDINATOR / EXRL_NUM_PROCESSES / EXRL_PROCESS_ID.
-  """
-  coordinator = coordinator or os.environ.get("EXRL_COORDINATOR")
-  if num_processes is None and "EXRL_NUM_PROCESSES" in os.environ:
-    num_processes = int(os.environ["EXRL_NUM_PROCESSES"])
-  if process_id is None and "EXRL_PROCESS_ID" in os.environ:
-    process_id = int(os.environ["EXRL_PROCESS_ID"])
-  # Asking jax for its backend here would start it before distributed init, so read the env.
-  if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-  jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)

@@ -25,9 +25,11 @@ from exrl.curriculum.source import DatasetSource
 from exrl.envs import make_env
 from exrl.envs.experts import run_expert
 from exrl.models.config import ModelConfig
-from exrl.rollout.multiturn import MultiTurnConfig, Trajectory, agent_text, rollout, trajectory_ids
+from exrl.rollout.multiturn import (SUCCESS_THRESHOLD, MultiTurnConfig, Trajectory, agent_text, rollout,
+                                   trajectory_ids)
 from exrl.train.collect.multiturn import EnvProblem, MultiTurnCollector
 from exrl.train.evaluate import wilson_interval
+from exrl.train.rl_loop import train_rl
 from exrl.train.sft import SFTConfig, train_sft
 
 EVAL_OFFSET = 1_000_000  # held-out instance indices start here; training uses [0, explore_per_env)
@@ -45,7 +47,7 @@ class AgentEvolConfig:
   iterations: int = 4  # M
   samples_per_instruction: int = 1  # K
   explore_temperature: float = 1.2
-  reward_threshold: float = 0.99
+  reward_threshold: float = SUCCESS_THRESHOLD
   retrain: str = "base"  # base: every iteration restarts from the base model (paper); continue: from the last
   sft_epochs: float = 4.0  # SFT steps = ceil(epochs * examples / batch_size)
   iteration_sft_epochs: float = 0.0  # epochs of each iteration's SFT; 0: sft_epochs (as BC)
@@ -177,13 +179,12 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
 
 def multiturn_grpo(rl_cfg, model_config: ModelConfig, params, tokenizer, envs: Sequence[str], *, env_seed: int = 0,
                    instances_per_env: int = 192, rollout_cfg: MultiTurnConfig = MultiTurnConfig(),
-                   env_factory: Callable | None = None):
+                   env_factory: Callable | None = None, success_threshold: float = SUCCESS_THRESHOLD):
   """Multi-turn GRPO on the same envs through `train_rl(..., collector=MultiTurnCollector)`; returns the state."""
-  from exrl.train.rl_loop import train_rl  # the loop imports collectors; keep this module importable alone
-
   env_factory = env_factory or (lambda n: make_env(n, seed=env_seed))
   problems = [EnvProblem(n, i) for n in envs for i in range(instances_per_env)]
-  collector = MultiTurnCollector(rl_cfg, model_config, tokenizer, env_factory, rollout_cfg)
+  collector = MultiTurnCollector(rl_cfg, model_config, tokenizer, env_factory, rollout_cfg,
+                                 success_threshold=success_threshold)
   try:
     state, _ = train_rl(rl_cfg, model_config, params, tokenizer, DatasetSource(problems, seed=rl_cfg.seed),
                         collector=collector)

@@ -1,4 +1,4 @@
-"""Reward functions, pure: a format reward and self-certainty (Intuitor).
+"""Reward functions, pure, and the registry of the RL loop's rewards (`REWARDS`: name -> function + its inputs).
 
 Verifier rewards run untrusted model output through time-bounded worker processes, so they live with
 the tasks: `exrl.tasks.pool.verifier_rewards`.
@@ -9,8 +9,9 @@ rollout, or a frozen annotator for the offline ablation) is the caller's switch;
 """
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -107,3 +108,79 @@ def shuffle_within_groups(x_B, group_size: int, key: jax.Array) -> np.ndarray:
   G = x.shape[0] // group_size
   perm_GxK = np.asarray(jax.vmap(lambda k: jax.random.permutation(k, group_size))(jax.random.split(key, G)))
   return np.take_along_axis(x.reshape(G, group_size), perm_GxK, axis=1).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+# What a reward may read; a collector declares which of these it can provide.
+OUTCOME = "outcome"  # the task verifier's score, or an environment's final reward (labels)
+SELF_CERTAINTY = "self_certainty"  # per-trace mean token self-certainty (online policy or offline annotator)
+TOKEN_ENTROPY = "token_entropy"  # per-token entropy and the response mask
+ANSWERS = "answers"  # final answers extracted from the response texts
+INPUTS = (OUTCOME, SELF_CERTAINTY, TOKEN_ENTROPY, ANSWERS)
+_FIELD = {OUTCOME: "outcome_B", SELF_CERTAINTY: "self_certainty_B", TOKEN_ENTROPY: "entropy_BxN", ANSWERS: "answers"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardInputs:
+  """What a collector hands the registry for B traces (groups of `group_size` contiguous); unprovided: None.
+
+  outcome_B: verifier / environment reward. self_certainty_B: nats. entropy_BxN / mask_BxN: per-token entropy of the
+  distribution each response token was drawn from, and the response mask. answers: extracted answers (None: none).
+  key: the step's PRNG key; controls draw from a stream folded off it, never the sampler's.
+  """
+  group_size: int
+  key: object = None
+  outcome_B: np.ndarray | None = None
+  self_certainty_B: np.ndarray | None = None
+  entropy_BxN: np.ndarray | None = None
+  mask_BxN: np.ndarray | None = None
+  answers: Sequence[str | None] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+  """columns(inputs) -> one float[B] column per reward signal (several are normalised per group, then mixed)."""
+  columns: Callable[[RewardInputs], list]
+  needs: tuple[str, ...]
+  doc: str
+
+
+def _control_key(x: RewardInputs):
+  return jax.random.fold_in(x.key, 0x5EED)  # not the sampler's stream
+
+
+REWARDS: dict[str, Reward] = {
+    "verifier": Reward(lambda x: [x.outcome_B], (OUTCOME,), "the task's verifier, or the environment's reward"),
+    "self_certainty": Reward(lambda x: [x.self_certainty_B], (SELF_CERTAINTY,),
+                             "Intuitor: the model's own confidence, KL(U || p), no labels"),
+    "mix": Reward(lambda x: [x.outcome_B, x.self_certainty_B], (OUTCOME, SELF_CERTAINTY),
+                  "verifier and self-certainty, each group-normalised, mixed by RLConfig.mix_weights"),
+    "entropy": Reward(lambda x: [entropy_rewards(x.entropy_BxN, x.mask_BxN)], (TOKEN_ENTROPY,),
+                      "RENT: minus the mean token entropy, no labels"),
+    "majority": Reward(lambda x: [majority_vote_rewards(x.answers, x.group_size)], (ANSWERS,),
+                       "TTRL: agreement with the group's majority answer, no labels"),
+    "noise": Reward(lambda x: [noise_rewards(_control_key(x), len_of(x))], (),
+                    "control: i.i.d. N(0, 1)"),
+    "shuffled": Reward(lambda x: [shuffle_within_groups(x.self_certainty_B, x.group_size, _control_key(x))],
+                       (SELF_CERTAINTY,), "control: self-certainty permuted within each group"),
+}
+
+
+def len_of(x: RewardInputs) -> int:
+  """The number of traces B, from whichever input is there."""
+  for v in (x.outcome_B, x.self_certainty_B, x.mask_BxN, x.answers):
+    if v is not None:
+      return len(v)
+  raise ValueError("RewardInputs holds no per-trace input to count traces from")
+
+
+def reward_columns(name: str, inputs: RewardInputs) -> np.ndarray:
+  """float32[B, R]: the registered reward's column(s)."""
+  if name not in REWARDS:
+    raise ValueError(f"reward={name!r}; valid: {tuple(REWARDS)}")
+  missing = [n for n in REWARDS[name].needs if getattr(inputs, _FIELD[n]) is None]
+  if missing:
+    raise ValueError(f"reward={name!r} needs {missing}, which this collector did not provide")
+  return np.stack([np.asarray(c, np.float32) for c in REWARDS[name].columns(inputs)], axis=1)

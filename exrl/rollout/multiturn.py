@@ -48,6 +48,9 @@ def _decode(tokenizer, ids) -> str:
   return tokenizer.decode([int(i) for i in ids if 0 <= int(i) < n])
 
 
+SUCCESS_THRESHOLD = 0.99  # an episode whose final reward exceeds this is solved (the envs' rewards are 0 or 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class MultiTurnConfig:
   """max_new_tokens per agent turn; max_turns 0 means each env's own round limit; max_len caps the whole
@@ -144,5 +147,5 @@ def rollout(model_config: ModelConfig, params, tokenizer, envs: Sequence, indice
   return trajs
 
 
-def success_rate(trajs: Sequence[Trajectory], threshold: float = 0.99) -> float:
+def success_rate(trajs: Sequence[Trajectory], threshold: float = SUCCESS_THRESHOLD) -> float:
   return float(np.mean([t.reward > threshold for t in trajs])) if trajs else 0.0

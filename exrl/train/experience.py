@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from exrl.infra import distributed, mesh as mesh_lib
 from exrl.models.config import ModelConfig
 from exrl.rl.rewards import self_certainty_reward
 from exrl.train import packing
 from exrl.train.objectives import shifted_stats
+from exrl.train.step import shard_batch
 
 
 ROW_FIELDS = ("tokens", "valid", "positions", "loss_mask", "old_logp", "ref_logp", "adv", "trace_id", "group_id")
@@ -117,8 +119,8 @@ def _score(config: ModelConfig, params, ref_params, mb: dict, *, with_ref: bool,
   return jax.lax.stop_gradient(out)
 
 
-def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, row_multiple: int = 1
-                      ) -> dict[str, np.ndarray]:
+def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, row_multiple: int = 1,
+                      min_rows: int = 0) -> dict[str, np.ndarray]:
   """Split [R, ...] host rows into [M, Bm, ...] micro-batches, each group whole in one micro-batch.
 
   rows: per-token fields [R, T] and per-row fields [R] of `Experience.rows`, with global `trace_id` and
@@ -126,7 +128,8 @@ def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, row_mu
   Groups are cut into M contiguous runs of about R/M rows; every micro-batch is padded to the same Bm (a
   multiple of `row_multiple`, e.g. the mesh's data*fsdp) with empty rows: valid False, loss_mask 0, adv 0.
   Ids are renumbered local to each micro-batch, as the loss wants ids in [0, Bm); padding rows get ids of
-  their own, and carry no loss. Raises if M is larger than the number of groups.
+  their own, and carry no loss. Raises if M is larger than the number of groups. min_rows: Bm at least this (the
+  processes of a multi-host run agree on one Bm).
   """
   group_B = np.asarray(rows["group_id"])
   R = group_B.shape[0]
@@ -144,7 +147,7 @@ def pack_microbatches(rows: dict[str, np.ndarray], num_microbatches: int, row_mu
     bounds.append(int(cands[np.argmin(np.abs(cands - target))]))
   bounds.append(R)
   Bm = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
-  Bm = -(-Bm // row_multiple) * row_multiple
+  Bm = -(-max(Bm, min_rows) // row_multiple) * row_multiple
   out = {k: np.zeros((num_microbatches, Bm, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in rows.items()}
   for m, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
     for k, v in rows.items():
@@ -162,3 +165,41 @@ def _renumber(ids: np.ndarray) -> np.ndarray:
   _, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
   rank = np.argsort(np.argsort(first))
   return rank[inverse].astype(np.int32)
+
+
+def device_batch(rows: dict[str, np.ndarray], num_microbatches: int, pack_width: int, mesh
+                 ) -> tuple[dict[str, jax.Array], dict[str, float]]:
+  """This process's rows -> the step's global batch on `mesh`, and its shape (`train_slots`, `train_width`,
+  `train_fill`: token slots the update runs on, their width, and the share that are real tokens).
+
+  One process: micro-batched, packed (pack_width > 0, when that saves slots) and placed. Several processes: each
+  micro-batches and packs its own rows into the shape all agree on (rows, width, bins), ids and packed indices are
+  offset to the process's block, and the global arrays are formed with `jax.make_array_from_process_local_data`.
+  """
+  procs, me = jax.process_count(), jax.process_index()
+  row_multiple = mesh_lib.batch_divisor(mesh) // procs if mesh is not None else 1
+  batch = pack_microbatches(rows, num_microbatches, row_multiple)
+  if procs > 1:
+    Bm, T = distributed.agree_max(batch["tokens"].shape[1]), distributed.agree_max(batch["tokens"].shape[2])
+    batch = pack_microbatches(rows, num_microbatches, row_multiple, min_rows=Bm)
+    batch = {k: np.pad(v, ((0, 0), (0, 0), (0, T - v.shape[2]))) if v.ndim == 3 else v for k, v in batch.items()}
+  packed = None
+  if pack_width and procs == 1:
+    packed = packing.pack(batch, width=pack_width, row_multiple=row_multiple)
+  elif pack_width:
+    bins = distributed.agree_max(packing.num_bins(batch, width=pack_width, row_multiple=row_multiple))
+    M, Bm, T = batch["tokens"].shape
+    W = pack_width * -(-T // pack_width)
+    if bins * W < Bm * T:  # the same decision on every process: packing saves slots on the agreed shapes
+      packed = packing.pack(batch, width=pack_width, row_multiple=row_multiple, bins=bins)
+      packed["unpack_index"] = packed["unpack_index"] + me * bins * (W - 1)
+      packed["packed_segment"] = np.where(packed["packed_segment"] >= 0, packed["packed_segment"] + me * Bm, -1)
+  out = packed or batch
+  train_tokens = out["packed_tokens"] if packed else out["tokens"]
+  shape = {"train_slots": train_tokens.size * procs, "train_width": train_tokens.shape[-1],
+           "train_fill": float(distributed.agree_sum(batch["valid"].sum()) / (train_tokens.size * procs))}
+  if procs == 1:
+    return shard_batch(out, mesh), shape
+  Bm = out["tokens"].shape[1]
+  out = {**out, "trace_id": out["trace_id"] + me * Bm, "group_id": out["group_id"] + me * Bm}
+  return distributed.global_batch(out, mesh), shape

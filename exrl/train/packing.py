@@ -56,7 +56,8 @@ def first_fit_decreasing(length_R: np.ndarray, width: int) -> tuple[np.ndarray, 
   return bin_R, offset_R, len(used)
 
 
-def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> dict[str, np.ndarray] | None:
+def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1, bins: int | None = None
+         ) -> dict[str, np.ndarray] | None:
   """`batch` (micro-batched rows: fields [M, Bm, T] and [M, Bm]) with its rows packed, or None.
 
   Bins are W = `width` * ceil(T / width) tokens wide, and every micro-batch gets the same `bin_rows` count Bp.
@@ -69,6 +70,8 @@ def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> 
       span, places the loss mask must (and is checked to) zero;
     row_width int32[M, Bm]: T, the width the loss's "constant" aggregation normalises by by default.
   Returns None when packing would not save token slots (Bp * W >= Bm * T): train the rows as they are.
+  bins: pack into exactly this many bins per micro-batch (>= what the rows need; processes that must agree on one
+    shape pass the largest count any of them needs), and never return None.
   """
   if not isinstance(width, int) or width < 1:
     raise ValueError(f"pack width={width!r}; must be a positive int (bins are width * ceil(T / width) tokens)")
@@ -81,7 +84,11 @@ def pack(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> 
     _check_loss_in_spans(loss_mask[m], start_R, length_R, m)
     placed.append((start_R, length_R, *first_fit_decreasing(length_R, W)))
   Bp = bin_rows(max(p[-1] for p in placed), row_multiple)
-  if Bp * W >= Bm * T:
+  if bins is not None:
+    if bins < Bp:
+      raise ValueError(f"pack bins={bins}, but the rows need {Bp} bins of width {W}")
+    Bp = bins
+  elif Bp * W >= Bm * T:
     return None
   out = {k: np.pad(v, ((0, 0), (0, 0), (0, W - T))) if np.ndim(v) == 3 and np.shape(v)[2] == T else np.asarray(v)
          for k, v in batch.items()}
@@ -111,3 +118,9 @@ def _check_loss_in_spans(loss_mask_RxT: np.ndarray, start_R: np.ndarray, length_
     raise ValueError(f"micro-batch {m}, row {r}: loss_mask is {loss_mask_RxT[r, t]} at token {t}, which is padding "
                      f"or the row's first valid token (span starts at {start_R[r]}, {length_R[r]} tokens); loss "
                      f"goes only on tokens after a row's first valid one")
+
+
+def num_bins(batch: dict[str, np.ndarray], *, width: int, row_multiple: int = 1) -> int:
+  """The bin count `pack` would use for `batch` (the shape processes agree on before packing)."""
+  valid, W = np.asarray(batch["valid"]), width * -(-np.shape(batch["valid"])[2] // width)
+  return bin_rows(max(first_fit_decreasing(spans(v)[1], W)[2] for v in valid), row_multiple)

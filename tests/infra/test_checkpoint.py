@@ -17,7 +17,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from exrl.infra.checkpoint import Checkpointer, host_rng_state, set_host_rng_state
+from exrl.infra.checkpoint import Checkpointer
+from exrl.infra.rng import host_rng_state, set_host_rng_state
 
 REPO = Path(__file__).resolve().parents[2]
 

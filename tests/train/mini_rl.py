@@ -17,7 +17,7 @@ from exrl.curriculum.source import TaskSource
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import get_task
-from exrl.infra.checkpoint import host_rng_state, set_host_rng_state
+from exrl.infra.rng import host_rng_state, set_host_rng_state
 from exrl.train.evaluate import EvalConfig
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig

@@ -44,7 +44,7 @@ def test_bad_configs_fail_at_start():
 
 
 def test_group_correlation_matches_numpy():
-  from exrl.train.collect.groups import group_correlation
+  from exrl.train.collect.core import group_correlation
   rng = np.random.default_rng(0)
   x, y = rng.standard_normal(12), (rng.random(12) > 0.5).astype(float)
   y[8:] = 1.0  # a constant group is skipped
@@ -55,7 +55,7 @@ def test_group_correlation_matches_numpy():
 def test_nonfinite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
   """From step 3 on the advantages are NaN: updates are skipped and counted, the run stops after 3 in a row
   with a message naming the last good checkpoint, and that checkpoint holds finite params."""
-  from exrl.train.collect import groups as collect
+  from exrl.train.collect import core as collect
   from exrl.infra.checkpoint import Checkpointer
 
   calls = {"n": 0}

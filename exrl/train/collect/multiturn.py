@@ -3,7 +3,8 @@
 Each problem is an `EnvProblem(env, idx)`; it is played `group_size` times (at `cfg.sampling`'s
 temperature, `rollout.max_new_tokens` tokens per turn). A row is one whole trajectory, right-padded to
 `rollout.max_len` (one compiled train-step shape); `loss_mask` is the agent-token mask, so observation
-tokens carry no loss. The reward is the env's final reward; advantages are per group (cfg.advantage).
+tokens carry no loss. The reward is the env's final reward (the registry's outcome input: `reward="verifier"`, or a
+control); advantages are per group (cfg.advantage).
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import jax
 import numpy as np
 
 from exrl.models.config import ModelConfig
-from exrl.rl.advantages import compute_advantages
-from exrl.rl.losses import k3_kl
-from exrl.rollout.multiturn import MultiTurnConfig, rollout
+from exrl.rl import rewards as rewards_lib
+from exrl.rollout.multiturn import SUCCESS_THRESHOLD, MultiTurnConfig, rollout
+from exrl.train.collect import core
 from exrl.train.experience import Experience, score
 
 
@@ -44,19 +45,31 @@ def trajectory_rows(trajs, T: int) -> dict[str, np.ndarray]:
   return rows
 
 
-class MultiTurnCollector:
+_FIXED_SAMPLING = "multi-turn rollouts sample each turn at sampling.temperature (MultiTurnConfig sets the rest)"
+
+
+class MultiTurnCollector(core.CollectorBase):
   """`collect(params, ref_params, problems, key) -> Experience` for `EnvProblem`s.
 
-  cfg: an `RLConfig` (group_size, sampling.temperature, advantage, loss.kl_beta, kl_monitor, pack_width are read).
-  env_factory(name) -> a fresh Env (in-process `exrl.envs.make_env`, or an `EnvClient` for HTTP).
-  Old log-probs are the sampler's (at the sampling temperature), valid for one inner epoch.
+  cfg: an `RLConfig`; the fields in `unsupported` raise when set. env_factory(name) -> a fresh Env (in-process
+  `exrl.envs.make_env`, or an `EnvClient` for HTTP). An episode is solved (accuracy, success/ENV) when its reward
+  exceeds `success_threshold`. Old log-probs are the sampler's (at the sampling temperature), valid for one epoch.
   """
 
-  def __init__(self, cfg, model_config: ModelConfig, tokenizer, env_factory: Callable, rollout_cfg: MultiTurnConfig):
-    if cfg.inner_epochs != 1:
-      raise ValueError(f"MultiTurnCollector supports inner_epochs=1 (old log-probs come from the sampler); "
-                       f"got {cfg.inner_epochs}")
-    self.cfg, self.model_config, self.tokenizer, self.env_factory = cfg, model_config, tokenizer, env_factory
+  provides = (rewards_lib.OUTCOME,)
+  verifies = False
+  unsupported = {
+      "inner_epochs": "old log-probs come from the sampler, valid for one inner epoch",
+      "sc_annotator": "agent turns carry no self-certainty",
+      "sampling.max_new_tokens": "the per-turn budget is MultiTurnConfig.max_new_tokens",
+      **{f"sampling.{f}": _FIXED_SAMPLING for f in ("top_k", "top_p", "greedy", "stop_token_ids", "head_dtype")},
+  }
+
+  def __init__(self, cfg, model_config: ModelConfig, tokenizer, env_factory: Callable, rollout_cfg: MultiTurnConfig,
+               *, success_threshold: float = SUCCESS_THRESHOLD):
+    core.single_process_only(type(self).__name__)
+    super().__init__(cfg, model_config, tokenizer)
+    self.env_factory, self.success_threshold = env_factory, success_threshold
     self.rollout_cfg = dataclasses.replace(rollout_cfg, temperature=cfg.sampling.temperature, greedy=False)
     self.envs: dict[str, list] = {}
 
@@ -80,32 +93,31 @@ class MultiTurnCollector:
                     [p.idx for p in items], key, self.rollout_cfg)
     t_sample = time.perf_counter()
     rows = trajectory_rows(trajs, self.rollout_cfg.max_len)
-    reward_B = np.asarray([t.reward for t in trajs], np.float32)
-    adv_B, keep_B = jax.device_get(compute_advantages(reward_B, cfg.advantage, G))
-    rows["loss_mask"] *= np.asarray(keep_B, np.float32)[:, None]
-    with_ref = (cfg.loss.kl_beta > 0) or cfg.kl_monitor
-    metrics = {}
-    if with_ref:
+    agent_BxT = rows["loss_mask"].copy()  # the response tokens: the agent's, before the zero-variance filter
+    if self.with_ref:
       scored = jax.device_get(score(self.model_config, params, ref_params, rows["tokens"], rows["valid"],
-                                    rows["positions"], rows["loss_mask"] > 0, with_ref=True, with_policy=False,
+                                    rows["positions"], agent_BxT > 0, with_ref=True, with_policy=False,
                                     temperature=self.rollout_cfg.temperature, pack_width=cfg.pack_width))
       rows["ref_logp"] = np.asarray(scored["ref_logp"], np.float32)
-      m = rows["loss_mask"]
-      metrics["kl"] = float((np.asarray(k3_kl(rows["old_logp"], rows["ref_logp"])) * m).sum() / max(m.sum(), 1))
     else:
       rows["ref_logp"] = rows["old_logp"].copy()
+    reward_B = np.asarray([t.reward for t in trajs], np.float32)
+    solved_B = (reward_B > self.success_threshold).astype(np.float32)
+    stats = core.TraceStats(
+        correct_B=solved_B, response_B=agent_BxT.sum(1), outcome_B=reward_B,
+        kl_sum_B=core.kl_sum(rows["old_logp"], rows["ref_logp"], agent_BxT) if self.with_ref else None,
+        extra_B={"turns": np.asarray([len(t.turns) for t in trajs], np.float64)})
+    envs = [t.env for t in trajs]
+    for name in sorted(set(envs)):  # NaN where another process holds this env's episodes: the mean skips them
+      stats.extra_B[f"success/{name}"] = np.where([e == name for e in envs], solved_B, np.nan)
+    inputs = rewards_lib.RewardInputs(group_size=G, key=key, outcome_B=reward_B)
+    total_B, adv_B, keep_B, metrics = core.rewards_and_advantages(cfg, inputs, stats)
+    rows["loss_mask"] *= keep_B[:, None]
     B = len(items)
-    rows.update(adv=np.asarray(adv_B, np.float32), trace_id=np.arange(B, dtype=np.int32),
-                group_id=(np.arange(B) // G).astype(np.int32))
-    lengths = np.asarray([sum(t.agent_mask) for t in trajs])
-    traces = {"problem": np.arange(B) // G, "text": [t.text for t in trajs], "reward": reward_B, "length": lengths,
-              "env": [t.env for t in trajs], "idx": [t.idx for t in trajs], "turns": [len(t.turns) for t in trajs]}
-    metrics.update(reward_mean=float(reward_B.mean()), accuracy=float(np.mean(reward_B > 0.99)),
-                   response_len=float(lengths.mean()), turns=float(np.mean(traces["turns"])),
-                   zero_var_frac=float(1 - np.mean(keep_B)))
-    for name in sorted(set(traces["env"])):
-      sel = [t.reward > 0.99 for t in trajs if t.env == name]
-      metrics[f"success/{name}"] = float(np.mean(sel))
+    rows.update(adv=adv_B, trace_id=np.arange(B, dtype=np.int32), group_id=(np.arange(B) // G).astype(np.int32))
+    traces = {"problem": np.arange(B) // G, "text": [t.text for t in trajs], "reward": total_B,
+              "length": agent_BxT.sum(1).astype(np.int64), "env": envs, "idx": [t.idx for t in trajs],
+              "turns": [len(t.turns) for t in trajs]}
     timing = {"sample_s": t_sample - t0, "score_s": time.perf_counter() - t_sample}
     return Experience(rows=rows, traces=traces, metrics=metrics, timing=timing)
 

@@ -40,7 +40,6 @@ def setup(tmp_path_factory):
 
 def _cfg(tmp, **kw):
   return RLConfig(run_dir=str(tmp), steps=2, prompts_per_step=4, group_size=4, checkpoint_every=1,
-                  sampling=SamplingConfig(max_new_tokens=16, temperature=1.0),
                   loss=LossConfig(aggregation="seq_mean_token_mean"), **kw)
 
 
@@ -123,9 +122,3 @@ def test_train_rl_with_markov_collector(setup, tmp_path):
   assert all(np.isfinite(l["metrics"]["loss"]) for l in lines)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.params, params))
   assert max(moved) > 0
-
-
-def test_unsupported_reward_is_named(setup, tmp_path):
-  tokenizer, config, _ = setup
-  with pytest.raises(ValueError, match="reward='majority'.*valid: \\('verifier', 'self_certainty'\\)"):
-    MarkovCollector(dataclasses.replace(_cfg(tmp_path), reward="majority"), MK, config, tokenizer)
