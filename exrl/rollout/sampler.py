@@ -417,6 +417,8 @@ def check_inputs(config: ModelConfig, tokens, valid, sampling: SamplingConfig) -
     raise ValueError("prompt length 0: every prompt needs at least one token (e.g. bos)")
   if sampling.top_k > config.vocab_size:
     raise ValueError(f"top_k={sampling.top_k} exceeds vocab_size={config.vocab_size}")
+  if isinstance(valid, jax.Array) and not valid.is_fully_addressable:  # multi-host: check this process's rows
+    valid, tokens = (np.concatenate([np.asarray(s.data) for s in x.addressable_shards]) for x in (valid, tokens))
   try:
     valid = np.asarray(valid, bool)
   except jax.errors.TracerArrayConversionError:

@@ -6,8 +6,8 @@
 - Token sets: every token-averaged metric (`kl`, `sample_entropy`) averages over the trace's *response tokens*, the
   tokens the policy generated (a completion; every Delethink chunk's generated part; an agent's turns), whatever the
   zero-variance filter later does to the loss mask. `response_len` is the per-trace count of those tokens, averaged
-  over traces. Sums are taken per trace in float64 and then over traces, so a multi-host run that gathers the
-  per-trace sums computes the same numbers as one host.
+  over traces. Sums are taken per trace, rounded to float32 and then summed over traces in float64, so a
+  multi-host run that gathers the per-trace sums computes exactly the numbers one host does.
 - Rewards come from the registry `exrl.rl.rewards.REWARDS`, fed with what the collector provides.
 - A collector lists the `RLConfig` fields it cannot honour; one set away from its default raises at construction,
   naming the field, and so does a reward that needs an input the collector does not provide.
@@ -152,7 +152,10 @@ def rewards_and_advantages(cfg, inputs: rewards_lib.RewardInputs, stats: TraceSt
   rewards_BxR = rewards_lib.reward_columns(cfg.reward, inputs)
   weights = np.asarray(cfg.mix_weights, np.float32) if cfg.reward == "mix" else None
   local = len(rewards_BxR)
-  g_rewards, g = distributed.host_allgather((rewards_BxR, dataclasses.asdict(stats)))
+  # float32 per-trace values on every path: the multi-host gather moves them through jax (no float64), and one
+  # host must compute exactly what several do
+  local_stats = jax.tree.map(lambda x: np.asarray(x, np.float32), dataclasses.asdict(stats))
+  g_rewards, g = distributed.host_allgather((rewards_BxR, local_stats))
   g = TraceStats(**g)
   first = jax.process_index() * local  # every process holds the same number of traces
   adv_B, keep_B = jax.device_get(compute_advantages(g_rewards, cfg.advantage, cfg.group_size, weights))
