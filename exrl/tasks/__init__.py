@@ -18,7 +18,8 @@ from exrl.tasks.math_data import (MathDatasetTask, extract_boxed, extract_final_
                                   verify_math)
 from exrl.tasks.running_sum import RunningSumTask
 from exrl.tasks.scratchpad import ChainSumTask, DigitSumTask, verify_marked_int
-from exrl.tasks.self_iteration import TASK_NAME as SELF_ITERATION, verify_improvement
+from exrl.tasks.self_iteration import TASK_NAME as SELF_ITERATION  # noqa: F401  (registers its verifier)
+from exrl.tasks.verifiers import VERIFIERS, get_verifier
 
 TASKS: dict[str, type] = {
     ArithmeticTask.name: ArithmeticTask,
@@ -28,18 +29,6 @@ TASKS: dict[str, type] = {
     MathDatasetTask.name: MathDatasetTask,
     RunningSumTask.name: RunningSumTask,
 }
-
-# Module-level verifiers by task name: picklable by reference, so worker processes can run them cheaply.
-VERIFIERS: dict[str, Callable[[str, Problem], float]] = {
-    ArithmeticTask.name: verify_direct_int,
-    ChainSumTask.name: verify_marked_int,
-    CountdownTask.name: verify_countdown,
-    DigitSumTask.name: verify_marked_int,
-    MathDatasetTask.name: verify_math,
-    RunningSumTask.name: verify_marked_int,
-    SELF_ITERATION: verify_improvement,  # ExIt improve/diverge steps: reads the base verifier from problem.meta
-}
-
 
 def get_task(name: str, **kwargs) -> Task:
   """The task `name` built with `kwargs` (its dataclass fields)."""
@@ -51,13 +40,6 @@ def get_task(name: str, **kwargs) -> Task:
   if bad:
     raise TypeError(f"task {name!r} got unknown options {bad}; valid options: {fields}")
   return cls(**kwargs)
-
-
-def get_verifier(task_name: str) -> Callable[[str, Problem], float]:
-  """The verifier for problems whose `.task` is `task_name`."""
-  if task_name not in VERIFIERS:
-    raise ValueError(f"no verifier for task {task_name!r}; tasks with verifiers: {sorted(VERIFIERS)}")
-  return VERIFIERS[task_name]
 
 
 def tokenizer_corpus(tasks: Iterable[Task], n_per_task: int = 2000, seed: int = 0) -> list[str]:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from exrl.tasks.verifiers import get_verifier
+
 # Imported once by the forkserver, so replacing a killed worker costs a fork, not a fresh sympy import.
 _PRELOAD = ["exrl.tasks.pool", "exrl.tasks", "math_verify"]
 
@@ -317,10 +319,8 @@ def verifier_rewards(responses: Sequence[str], problems: Sequence[Any],
   pool = pool or default_pool()
   if verify is not None:
     return pool.map(verify, list(zip(responses, problems)))
-  from exrl import tasks  # Host-side only; imported lazily so the device path never needs it.
-
   # Module-level verifiers pickle by reference: cheap to ship with every job.
-  fns = [tasks.get_verifier(p.task) for p in problems]
+  fns = [get_verifier(p.task) for p in problems]
   return pool.map(_call, [(f, r, p) for f, r, p in zip(fns, responses, problems)])
 
 

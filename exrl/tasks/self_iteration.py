@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from exrl.tasks.base import Problem
+from exrl.tasks.verifiers import VERIFIERS, get_verifier
 
 TASK_NAME = "self_iteration"
 MODES = ("improve", "diverge")
@@ -69,8 +70,6 @@ def improvement_reward(new: float, prev: float, graded: bool) -> float:
 
 def base_quality(response: str, problem: Problem) -> float:
   """Quality in [0, 1] of `response` on the base task of `problem` (plain or self-iteration)."""
-  from exrl.tasks import get_verifier  # lazy: exrl.tasks imports this module
-
   b = base_problem(problem)
   return float(get_verifier(b.task)(response, b))
 
@@ -84,3 +83,6 @@ def verify_improvement(response: str, problem: Problem) -> float:
 def tagged_quality(response: str, problem: Problem) -> float:
   """0.5 + 0.5 * base quality: lets a pool caller tell a real quality (>= 0.5) from a failed call (0)."""
   return 0.5 + 0.5 * base_quality(response, problem)
+
+
+VERIFIERS[TASK_NAME] = verify_improvement  # ExIt improve/diverge steps: reads the base verifier from problem.meta
