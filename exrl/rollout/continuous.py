@@ -36,11 +36,11 @@ TRACE_COUNT = collections.Counter()  # traces per jitted function: tests and the
 
 
 class Request(NamedTuple):
-  """prompt: token ids (at least one). max_new_tokens: this request's budget (None: the engine's N). key: a PRNG key;
-  None draws one from the `run` key and the request's index."""
+  """prompt: token ids (at least one). max_new_tokens: this request's budget, one for all samples or one per sample
+  (None: the engine's N). key: a PRNG key; None folds the request's index into the `run` key."""
   prompt: Sequence[int]
   num_samples: int = 1
-  max_new_tokens: int | None = None
+  max_new_tokens: int | Sequence[int] | None = None
   key: jax.Array | None = None
 
 
@@ -205,11 +205,14 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
   end_cap = (sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
              if sampling.think_budget else N)
+  budgets = []
   for i, r in enumerate(requests):
-    budget = N if r.max_new_tokens is None else r.max_new_tokens
-    if not 0 < len(r.prompt) <= P or r.num_samples < 1 or not 1 <= budget <= N:
+    b = np.broadcast_to(np.asarray(N if r.max_new_tokens is None else r.max_new_tokens, np.int64), (r.num_samples,)
+                        ) if r.num_samples >= 1 else np.zeros((0,), np.int64)
+    if not 0 < len(r.prompt) <= P or r.num_samples < 1 or b.size == 0 or b.min() < 1 or b.max() > N:
       raise ValueError(f"request {i}: prompt of {len(r.prompt)} tokens must be in [1, prompt_len={P}], num_samples="
-                       f"{r.num_samples} >= 1, max_new_tokens={budget} in [1, {N}]")
+                       f"{r.num_samples} >= 1, max_new_tokens={r.max_new_tokens} in [1, {N}] (one or one per sample)")
+    budgets.append(np.minimum(b, end_cap).astype(np.int32))
   base_key = jax.random.key(0) if key is None else key
   t0 = time.perf_counter()
   stats = RunStats(slots=S)
@@ -238,8 +241,8 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
       req_key = jax.random.fold_in(req_key, u) if r.key is None else req_key
       keys = jax.random.key_data(row_keys([req_key], [r.num_samples]))
       key_M = jnp.zeros((S, *keys.shape[1:]), keys.dtype).at[:take].set(keys[next_sample:next_sample + take])
-      budget = N if r.max_new_tokens is None else r.max_new_tokens
-      end_M = np.full((S,), min(budget, end_cap), np.int32)
+      end_M = np.zeros((S,), np.int32)
+      end_M[:take] = budgets[u][next_sample:next_sample + take]
       cache, h_D, length = prefix
       state = _insert_jit(state, cache, h_D, length, slot_M, end_M, key_M)
       for j, s in enumerate(slot_M[:take]):
