@@ -197,25 +197,26 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(*args: str, timeout_s: float = 60.0):
-  """Start `python -m exrl.envs.server` on a free loopback port; yields its base URL, stops it after."""
+def running_server(*args: str, timeout_s: float = 60.0, module: str = "exrl.envs.server"):
+  """Start `python -m MODULE --port P *args` (a server with GET /health) on a free loopback port P; yields its
+  base URL, stops it after."""
   import httpx
   port = free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "exrl.envs.server", "--port", str(port), *args],
+  proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.time() + timeout_s
     while True:
       if proc.poll() is not None:
-        raise RuntimeError(f"env server exited with {proc.returncode}: {proc.stdout.read().decode()}")
+        raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stdout.read().decode()}")
       try:
         if httpx.get(url + "/health", timeout=1.0).status_code == 200:
           break
       except httpx.TransportError:
         pass
       if time.time() > deadline:
-        raise TimeoutError(f"env server on port {port} not healthy after {timeout_s} s")
+        raise TimeoutError(f"{module} on port {port} not healthy after {timeout_s} s")
       time.sleep(0.1)
     yield url
   finally:

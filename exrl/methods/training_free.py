@@ -176,6 +176,7 @@ class TrainingFreeGRPO:
         "advantage_malformed", "lessons", "lessons_dropped", "update_calls", "update_malformed", "ops_invalid",
         *[f"ops_{o}" for o in OPS], "policy_prompt_tokens", "policy_completion_tokens",
         "extractor_prompt_tokens", "extractor_completion_tokens", "reward_sum")}
+    self.stats["wall_s"] = 0.0
     self.history: list[dict] = []  # per step: rewards, informative groups, library size
 
   def batch(self, step: int) -> list:
@@ -286,12 +287,13 @@ class TrainingFreeGRPO:
       if start:
         self.load_state_dict(meta["training_free"])
         self.log(f"[training_free] resumed at step {start} with {len(self.library)} lessons")
+      before = self.stats.get("wall_s", 0.0)  # wall time of the steps a resumed run already did
       for step in range(start, self.total_steps):
         record = self.step(step)
         self.log(f"[training_free] step {step + 1}/{self.total_steps} {json.dumps(record)}")
+        self.stats["wall_s"] = before + time.time() - t0
         ckpt.save(step + 1, {"step": np.asarray(step + 1, np.int32)}, {"training_free": self.state_dict()},
                   force=True)
-    self.stats["wall_s"] = self.stats.get("wall_s", 0.0) + time.time() - t0
     (run_dir / "library.json").write_text(json.dumps(self.library.state_dict(), indent=2))
     return self.library
 

@@ -1,17 +1,13 @@
 """`python -m exrl.serve`: the official openai client gets the in-process sampler's tokens; bad requests get 4xx."""
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
 import httpx
 import jax
 import numpy as np
 import openai
 import pytest
 
-from exrl.envs.server import free_port
+from exrl.envs.server import running_server
 from exrl.models import hf
 from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
 from exrl.tokenizer import load_tokenizer
@@ -24,29 +20,9 @@ NAME = "tiny"
 def served(tmp_path_factory):
   """(base URL, model dir) of `python -m exrl.serve` on a free loopback port, stopped after the module."""
   model_dir = make_tiny_model_dir(tmp_path_factory.mktemp("serve") / "model")
-  port = free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "exrl.serve", "--model", str(model_dir), "--port", str(port),
-                           "--served-model-name", NAME], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.time() + 120
-    while True:
-      if proc.poll() is not None:
-        raise RuntimeError(f"exrl.serve exited with {proc.returncode}: {proc.stdout.read().decode()}")
-      try:
-        if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      assert time.time() < deadline, "exrl.serve not healthy after 120 s"
-      time.sleep(0.2)
+  with running_server("--model", str(model_dir), "--served-model-name", NAME, timeout_s=120,
+                      module="exrl.serve") as url:
     yield url, model_dir
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(10)
-    except subprocess.TimeoutExpired:
-      proc.kill()
 
 
 def _oracle(model_dir, prompt_ids, seed, n, sampling_kw):
@@ -122,3 +98,18 @@ def test_bad_requests_through_the_client(served):
     client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
   r = httpx.post(f"{url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
   assert r.status_code == 400
+
+
+def test_endpoint_llm_gets_what_local_llm_samples(served):
+  """The two LLM backends agree: EndpointLLM over exrl.serve == LocalLLM in this process (prompt i: seed + i)."""
+  from exrl.serve.llm import EndpointLLM, GenParams, LocalLLM
+
+  url, model_dir = served
+  config, params = hf.load(model_dir)
+  local = LocalLLM(config, params, load_tokenizer(model_dir))
+  gen = GenParams(n=2, max_tokens=6, temperature=1.0, seed=5)
+  remote = EndpointLLM(url + "/v1", NAME).complete(["12+34=", "7+8="], gen)
+  for i, prompt in enumerate(["12+34=", "7+8="]):
+    want = local.complete([prompt], GenParams(n=2, max_tokens=6, temperature=1.0, seed=5 + i))[0]
+    assert [c.token_ids for c in remote[i]] == [c.token_ids for c in want]
+    assert [c.text for c in remote[i]] == [c.text for c in want]
