@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 KINDS = ("ppo", "cispo")
+RATIO_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k3", "exact")
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "constant", "prompt")
 
@@ -46,6 +47,11 @@ class LossConfig:
     each trace's token mean), "constant" (Dr.GRPO: token sum / (num_traces * constant_normalizer)),
     "prompt" (ScaleRL: per group token sum / group tokens, then mean over groups; needs group_id_B).
   constant_normalizer: tokens per sequence for "constant", e.g. the max response length; None means T.
+  ratio_level: "token" (ρ per token) or "sequence" (GSPO, arXiv 2507.18071: every token of a row shares
+    ρ_i = exp(mean over the row's masked tokens of log π - log π_old), so its gradient is ρ_i A mean_t ∇logπ).
+  tis_cap: truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL"; verl / OpenRLHF): with behaviour log-probs μ given to `policy_loss`, each token's objective is
+    multiplied by sg(min(π_old / μ, tis_cap)). 0 turns it off.
   """
   kind: str = "ppo"
   clip_eps_low: float = 0.2
@@ -56,6 +62,8 @@ class LossConfig:
   entropy_coef: float = 0.0
   aggregation: str = "token_mean"
   constant_normalizer: float | None = None
+  ratio_level: str = "token"
+  tis_cap: float = 0.0
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -74,6 +82,10 @@ class LossConfig:
       raise ValueError(f"LossConfig.cispo_eps_max={self.cispo_eps_max} must be > 0")
     if self.kl_beta < 0:
       raise ValueError(f"LossConfig.kl_beta={self.kl_beta} must be >= 0")
+    if self.ratio_level not in RATIO_LEVELS:
+      raise ValueError(f"LossConfig.ratio_level={self.ratio_level!r} is unknown; valid choices: {RATIO_LEVELS}")
+    if self.tis_cap < 0:
+      raise ValueError(f"LossConfig.tis_cap={self.tis_cap} must be >= 0 (0 turns truncated IS off)")
     if self.constant_normalizer is not None and self.constant_normalizer <= 0:
       raise ValueError(f"LossConfig.constant_normalizer={self.constant_normalizer} must be > 0 or None")
 
@@ -151,7 +163,8 @@ def _check_like(name: str, x, shape):
 
 
 def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, ref_logp_BxT=None,
-                exact_kl_BxT=None, entropy_BxT=None, trace_id_B=None, group_id_B=None, row_width=None):
+                exact_kl_BxT=None, entropy_BxT=None, trace_id_B=None, group_id_B=None, row_width=None,
+                behav_logp_BxT=None):
   """GRPO-family policy loss.
 
   Args:
@@ -167,12 +180,14 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
     group_id_B: int[B] prompt group of each row; required by aggregation="prompt".
     row_width: the rows' width before any padding past it (packed rows, `train.packing`), for "constant"'s
       default normaliser; None: T.
+    behav_logp_BxT: float[B, T] log-probs of the policy that sampled each token (the generator's, possibly of
+      several versions in one row), for truncated IS (config.tis_cap > 0).
 
   Returns:
     (loss, metrics): loss float32 scalar to minimise; metrics dict of float32 scalars, token means
     over masked tokens: ratio_mean, clip_frac_low, clip_frac_high, clip_frac, approx_kl (k3 estimate of
-    KL(old ‖ new)), pg_loss (policy term alone, aggregated like the loss), num_tokens, and kl /
-    entropy when those inputs are given.
+    KL(old ‖ new)), pg_loss (policy term alone, aggregated like the loss), num_tokens, kl / entropy when those
+    inputs are given, and tis_weight_mean / tis_clip_frac with truncated IS.
   """
   if not isinstance(config, LossConfig):
     raise ValueError(f"config must be a LossConfig, got {type(config).__name__}")
@@ -182,7 +197,7 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
   batch = shape[0]
   for name, x in (("old_logp_BxT", old_logp_BxT), ("mask_BxT", mask_BxT),
                   ("ref_logp_BxT", ref_logp_BxT), ("exact_kl_BxT", exact_kl_BxT),
-                  ("entropy_BxT", entropy_BxT)):
+                  ("entropy_BxT", entropy_BxT), ("behav_logp_BxT", behav_logp_BxT)):
     _check_like(name, x, shape)
   if adv_B.shape not in ((batch,), shape):
     raise ValueError(f"adv_B has shape {adv_B.shape}; expected ({batch},) or {tuple(shape)}")
@@ -190,6 +205,8 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
     raise ValueError("kl_beta > 0 with kl_estimator='k3' needs ref_logp_BxT (reference log-probs)")
   if config.kl_beta > 0 and config.kl_estimator == "exact" and exact_kl_BxT is None:
     raise ValueError("kl_beta > 0 with kl_estimator='exact' needs exact_kl_BxT (from kernels.token_stats)")
+  if config.tis_cap > 0 and behav_logp_BxT is None:
+    raise ValueError(f"tis_cap={config.tis_cap} needs behav_logp_BxT (the generator's per-token log-probs)")
   if config.entropy_coef != 0 and entropy_BxT is None:
     raise ValueError(f"entropy_coef={config.entropy_coef} needs entropy_BxT")
   if config.aggregation == "prompt" and group_id_B is None:
@@ -203,6 +220,9 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
   logp_on_BxT = jnp.where(on_BxT, logp_BxT, 0.0)
   old_on_BxT = jnp.where(on_BxT, _sg(old_logp_BxT).astype(jnp.float32), 0.0)
   log_ratio_BxT = logp_on_BxT - old_on_BxT
+  if config.ratio_level == "sequence":  # GSPO: the row's mean log-ratio, differentiable, on every token of the row
+    seq_B = jnp.sum(log_ratio_BxT * mask_BxT, axis=1) / jnp.maximum(jnp.sum(mask_BxT, axis=1), 1.0)
+    log_ratio_BxT = jnp.where(on_BxT, seq_B[:, None], 0.0)
   ratio_BxT = jnp.exp(log_ratio_BxT)
   adv_BxT = jnp.broadcast_to(
       (adv_B[:, None] if adv_B.ndim == 1 else adv_B).astype(jnp.float32), shape)
@@ -219,6 +239,11 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
     obj_BxT = weight_BxT * adv_BxT * logp_on_BxT
     clip_low_BxT = jnp.zeros(shape, bool)
     clip_high_BxT = ratio_BxT > config.cispo_eps_max
+  tis_BxT = None
+  if config.tis_cap > 0:  # weight by the (truncated) ratio of the trainer's old policy to the behaviour policy
+    behav_on_BxT = jnp.where(on_BxT, _sg(behav_logp_BxT).astype(jnp.float32), 0.0)
+    tis_BxT = jnp.minimum(jnp.exp(old_on_BxT - behav_on_BxT), config.tis_cap)
+    obj_BxT = tis_BxT * obj_BxT
   tok_loss_BxT = -obj_BxT
 
   kl_BxT = None
@@ -255,5 +280,8 @@ def policy_loss(logp_BxT, old_logp_BxT, adv_B, mask_BxT, config: LossConfig, *, 
     metrics["kl"] = _masked_mean(kl_BxT, mask_BxT)
   if ent_BxT is not None:
     metrics["entropy"] = _masked_mean(ent_BxT, mask_BxT)
+  if tis_BxT is not None:
+    metrics["tis_weight_mean"] = _masked_mean(tis_BxT, mask_BxT)
+    metrics["tis_clip_frac"] = _masked_mean(f32(tis_BxT >= config.tis_cap), mask_BxT)
   metrics = jax.tree.map(_sg, metrics)
   return loss, metrics
