@@ -11,8 +11,8 @@ Each history entry is the config in force from checkpoint `step` on (the updates
 config is compared field by field (dotted paths such as `optim.lr`, `model.hidden_size`) with the current one:
 
   * observe-only fields (an allow-list per config class, `OBSERVE_ONLY`) may change: the step count, eval cadence
-    and size, checkpoint cadence, the run dir's spelling, and how the same computation is placed (mesh, remat,
-    vocab-parallel head, packing width). The change is recorded as a history entry.
+    and size, checkpoint cadence, metric trackers, the run dir's spelling, and how the same computation is placed
+    (mesh, remat, vocab-parallel head, packing width). The change is recorded as a history entry.
   * every other field, and every field a later version adds to a config class, defines the experiment: a change
     raises `ConfigChangedError` naming each differing field with its old and new value, unless the run passes
     `allow_config_change` (then the entry is recorded with `"override": true`).
@@ -41,8 +41,8 @@ _LAUNCH = ("restart", "allow_config_change")  # how this launch starts: neither 
 OBSERVE_ONLY: dict[str, tuple[str, ...]] = {
     "RLConfig": ("steps", "eval_every", "eval.batch_size", "eval.samples_per_problem", "eval.greedy",
                  "checkpoint_every", "keep_checkpoints", "max_skips_in_row", "kl_monitor", "mesh", "remat",
-                 "vocab_parallel", "pack_width"),
-    "SFTConfig": ("steps", "checkpoint_every", "keep_checkpoints", "mesh", "remat", "vocab_parallel"),
+                 "vocab_parallel", "pack_width", "trackers"),
+    "SFTConfig": ("steps", "checkpoint_every", "keep_checkpoints", "mesh", "remat", "vocab_parallel", "trackers"),
 }
 _MAX_LISTED = 12  # fields named in the refusal line; the rest are counted
 
