@@ -1,5 +1,6 @@
 """The continuous-batching engine against the static sampler (same per-row keys), a fresh forward pass, and a
 hand-built length interruption."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rollout import continuous as cb
+from exrl.rollout import engine
 from exrl.rollout import sampler
 
 CFG = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -72,21 +74,22 @@ def test_no_compiles_after_warmup_across_length_mixes(params):
   assert (cb._prefill_jit._cache_size(), cb._insert_jit._cache_size(), cb._decode_jit._cache_size()) == sizes
 
 
-def test_logprobs_equal_fresh_forward(params):
+def test_logprobs_equal_fresh_forward_through_the_dispatch(params):
   T = 0.8
-  s = sampler.SamplingConfig(max_new_tokens=12, temperature=T)
-  res, _ = cb.run(CFG, params, [cb.Request(p, G, None, jax.random.key(i)) for i, p in enumerate(PROMPTS)], s, slots=3,
-                  prompt_len=P)
+  s = sampler.SamplingConfig(max_new_tokens=12, temperature=T, engine="continuous", slots=3)
   tok, val = sampler.pad_prompts(PROMPTS, 0, P)
-  tok, val = np.repeat(tok, G, 0), np.repeat(val, G, 0)
-  seq, gen = np.concatenate([tok, _stack(res, "tokens")], 1), np.concatenate([val, _stack(res, "gen")], 1)
-  logits = np.asarray(decoder.logits(CFG, params, jnp.asarray(seq), jnp.asarray(gen)), np.float64) / T
-  logp_all = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-      -1, keepdims=True)
+  out = engine.generate(CFG, params, tok, val, jax.random.key(5), s, G)
+  chex.assert_shape([out.tokens_BxN, out.logp_BxN, out.mask_BxN], (len(PROMPTS) * G, 12))
+  chex.assert_shape([out.seq_tokens_BxS, out.seq_positions_BxS], (len(PROMPTS) * G, P + 12))
+  seq, valid = np.asarray(out.seq_tokens_BxS), np.asarray(out.seq_valid_BxS)
+  logits = np.asarray(decoder.logits(CFG, params, jnp.asarray(seq), jnp.asarray(valid)), np.float64) / T
+  top = logits.max(-1, keepdims=True)
+  logp_all = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   want = np.take_along_axis(logp_all[:, P - 1:-1], seq[:, P:, None], -1)[..., 0]
-  mask = _stack(res, "mask")
-  assert mask.sum() == 4 * G * 12
-  np.testing.assert_allclose(_stack(res, "logp")[mask], want[mask], atol=2e-4)
+  mask = np.asarray(out.mask_BxN)
+  assert mask.sum() == len(PROMPTS) * G * 12
+  np.testing.assert_allclose(np.asarray(out.logp_BxN)[mask], want[mask], atol=2e-4)
+  np.testing.assert_array_equal(np.asarray(out.seq_positions_BxS), np.asarray(decoder.default_positions(valid)))
 
 
 def test_length_interruption_hand_built(params):
