@@ -89,10 +89,14 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
   on_policy: the batch was sampled by exactly these params and is trained on once (one inner epoch), so
     the old log-probs are this forward's own, detached: ρ ≡ 1, and no separate re-scoring pass is needed.
     The loss and gradient equal those with old log-probs from a re-scoring forward at the same params.
+    With loss_cfg.tis_cap > 0 (needs on_policy) the batch's old_logp are read as the behaviour log-probs of TIS.
   fp32_head: the LM head (hidden and unembedding) in fp32 when the model computes in bf16 (ScaleRL).
   mesh: the step's mesh; with tensor > 1 the token statistics are vocab-parallel (see `shifted_stats`).
   """
   exact_kl = loss_cfg.kl_beta > 0 and loss_cfg.kl_estimator == "exact"
+  if loss_cfg.tis_cap > 0 and not on_policy:
+    raise ValueError(f"LossConfig.tis_cap={loss_cfg.tis_cap} needs on_policy=True (one inner epoch): the old "
+                     f"log-probs are then this forward's and the batch's old_logp the behaviour policy's")
 
   def fn(params, ref_params, mb):
     stats = shifted_stats(config, params, mb, ref_params=ref_params if exact_kl else None, remat=remat,
@@ -107,6 +111,8 @@ def rl_loss_fn(config: ModelConfig, loss_cfg: LossConfig, *, remat: bool = False
     if loss_cfg.entropy_coef > 0:
       kw["entropy_BxT"] = stats.entropy
     old_logp = jax.lax.stop_gradient(stats.logp) if on_policy else mb["old_logp"][:, 1:]
+    if loss_cfg.tis_cap > 0:  # the batch's old_logp are the generator's: the behaviour policy of truncated IS
+      kw["behav_logp_BxT"] = mb["old_logp"][:, 1:]
     loss, metrics = policy_loss(stats.logp, old_logp, mb["adv"], mask, loss_cfg, **kw)
     ids = mb["group_id"] if loss_cfg.aggregation == "prompt" else mb["trace_id"]
     weight = _count_weight(mask, ids, loss_cfg.aggregation)
