@@ -90,15 +90,18 @@ def adapter_shapes(config: ModelConfig, cfg: LoraConfig) -> dict:
   return {"layers": out}
 
 
-def adapter_axes(config: ModelConfig, cfg: LoraConfig) -> dict:
-  """Logical axes of the adapter leaves: A keeps w's input axes, B its output axes; the rank axis is replicated."""
-  axes = decoder.param_axes(config)["layers"]
+def tree_axes(config: ModelConfig, tree: dict) -> dict:
+  """Logical axes of the decoder's params, or of an adapter tree: A keeps w's input axes, B its output axes,
+  the rank axis is replicated."""
+  axes = decoder.param_axes(config)
+  if "embed" in tree:
+    return axes
   out = {}
-  for name in target_names(cfg):
-    lay, *dims = axes[name]
+  for key in tree["layers"]:
+    name, part = key.rsplit("_lora_", 1)
+    lay, *dims = axes["layers"][name]
     n_in = quant.N_IN.get(name, 1)
-    out[f"{name}_lora_a"] = (lay, *dims[:n_in], None)
-    out[f"{name}_lora_b"] = (lay, None, *dims[n_in:])
+    out[key] = (lay, *dims[:n_in], None) if part == "a" else (lay, None, *dims[n_in:])
   return {"layers": out}
 
 

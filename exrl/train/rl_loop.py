@@ -24,12 +24,17 @@ import jax
 
 from exrl.curriculum.source import ProblemSource
 from exrl.models.config import ModelConfig
+from exrl.models.lora import LoraConfig
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import pool as pool_lib
 from exrl.infra import mesh as mesh_lib
 from exrl.train import packing
+from exrl.infra.resources import peak_rss_mb
+from exrl.infra.trackers import TrackerName, check_names as check_trackers
+from exrl.train.adapter import Adapter
+from exrl.train.async_loop import train_async
 from exrl.train.collect.groups import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
 from exrl.train.experience import Collector, pack_microbatches
@@ -77,6 +82,14 @@ class RLConfig:
   # padding-free update and reference forward: rows packed side by side into bins of pack_width tokens (a multiple
   # of it for longer rows; train.packing); 0 trains the padded rows as they are
   pack_width: int = 128
+  lora: LoraConfig = LoraConfig()  # rank > 0: train a LoRA adapter on the frozen base (exrl.train.adapter)
+  # asynchronous RL (exrl.train.async_loop): generation overlaps the updates, each batch trained <= max_lag versions
+  # late; 0 is the synchronous loop. stale: what happens to a group staler than that (drop | rescore).
+  max_lag: int = 0
+  stale: Literal["drop", "rescore"] = "drop"
+  async_schedule: Literal["free", "deterministic"] = "free"  # deterministic: batch s sampled by version s - max_lag
+  rollout_devices: int = 0  # > 0: the rollout worker's params live on the last that many devices
+  trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
 
   def __post_init__(self):
     if self.reward not in REWARDS:
@@ -98,6 +111,15 @@ class RLConfig:
     rows = self.prompts_per_step * self.group_size
     if rows % self.num_microbatches or (rows // self.num_microbatches) % self.group_size:
       raise ValueError(f"RLConfig.num_microbatches={self.num_microbatches} must split the {rows} rows "
+    check_trackers(self.trackers, "RLConfig.trackers")
+    if self.max_lag < 0 or self.rollout_devices < 0:
+      raise ValueError(f"RLConfig.max_lag={self.max_lag} and rollout_devices={self.rollout_devices} must be >= 0")
+    if self.stale not in ("drop", "rescore") or self.async_schedule not in ("free", "deterministic"):
+      raise ValueError(f"RLConfig.stale={self.stale!r} (valid: drop, rescore) / async_schedule="
+                       f"{self.async_schedule!r} (valid: free, deterministic)")
+    if self.max_lag and self.inner_epochs > 1:
+      raise ValueError(f"RLConfig.max_lag={self.max_lag} needs inner_epochs=1 (got {self.inner_epochs}): the ratio "
+                       f"is taken to the sampler's per-token behaviour log-probs")
                        f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
 
 
@@ -125,35 +147,43 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   def run_eval(params):
     _log(f"[rl] evaluating {len(eval_problems)} problems (pass@1 x{cfg.eval.samples_per_problem}"
          f"{' + greedy' if cfg.eval.greedy else ''})")
-    return evaluate(model_config, params, tokenizer, eval_problems, verify, cfg.eval, encode, pool=pool)
+    return evaluate(model_config, adapter.policy(params), tokenizer, eval_problems, verify, cfg.eval, encode, pool=pool)
 
   optimizer = make_optimizer(cfg.optim, cfg.steps * cfg.inner_epochs)
   # The frozen reference (KL, offline annotator) is the caller's params themselves, never a copy: the train
   # state holds its own copy (the only one donated), and on one device placing them on the mesh is a no-op.
-  ref_params = params
+  adapter = Adapter(cfg.lora, model_config, params, cfg.seed)  # the identity unless cfg.lora.rank > 0
+  ref_params = adapter.base  # with LoRA: the frozen base, the adapter off
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
                 "kl": "kl"}
   final_eval = {}
   try:
-    with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, seed=cfg.seed, mesh_config=cfg.mesh,
-                  loss_fn=rl_loss_fn(model_config, cfg.loss, remat=resolve_remat(cfg.remat, model_config),
-                                     on_policy=cfg.inner_epochs == 1,
+    with open_run(cfg.run_dir, cfg, model_config, adapter.trainable, optimizer=optimizer, seed=cfg.seed,
+                  mesh_config=cfg.mesh,
+                  loss_fn=adapter.wrap(rl_loss_fn(model_config, cfg.loss, remat=resolve_remat(cfg.remat, model_config),
+                                     on_policy=cfg.inner_epochs == 1 and (cfg.max_lag == 0 or cfg.loss.tis_cap > 0),
                                      temperature=1.0 if cfg.sampling.greedy else cfg.sampling.temperature,
                                      fp32_head=cfg.fp32_head,
-                                     mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None),
+                                     mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None)),
                   keep_checkpoints=cfg.keep_checkpoints,
-                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=True,
-                  restart=cfg.restart, frozen=ref_params, allow_config_change=cfg.allow_config_change) as run:
+                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=not cfg.lora.on,
+                  restart=cfg.restart, frozen=ref_params, allow_config_change=cfg.allow_config_change,
+                  trackers=cfg.trackers) as run:
       row_multiple = mesh_lib.batch_divisor(run.mesh)
-      ref_params = jax.device_put(ref_params, run.state_shardings.params)
+      ref_params = adapter.place_base(run.mesh, run.state_shardings.params)
       if run.start:
         source.load_state_dict(run.meta["source"])
       _log(f"[rl] step {run.start + 1} compiles the sampler and the train step (once per shape; cached on disk)")
-      for step in range(run.start, cfg.steps):
+      if cfg.max_lag:  # PipelineRL-k (exrl.train.async_loop); max_lag = 0 runs the loop below, unchanged
+        train_async(cfg, run, collector, adapter, ref_params, source, prompts, model_config=model_config,
+                    run_eval=run_eval, on_eval=on_eval, eval_problems=eval_problems, check_skips=_check_skips,
+                    save_meta=lambda: {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
+      for step in range(run.start, cfg.steps) if not cfg.max_lag else ():
         t0 = time.time()
         problems = source.batch(step, cfg.prompts_per_step)
         run.state, key = next_key(run.state)
-        exp = collector.collect(run.state.params, ref_params, problems, key)
+        exp = collector.collect(adapter.policy(run.state.params), ref_params, problems, key)
+        adapter.check_resume(run.meta)
         t_collect = time.time()
         batch = pack_microbatches(exp.rows, cfg.num_microbatches, row_multiple)
         packed = packing.pack(batch, width=cfg.pack_width, row_multiple=row_multiple) if cfg.pack_width else None
@@ -177,16 +207,18 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         run.writer.write(step + 1, metrics, timing)
         run.bar.update(step + 1, metrics)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-          run.save(step + 1, {"source": source.state_dict(), "config": config_json(cfg)})
+          run.save(step + 1, {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
       if eval_problems:
         final_eval = run_eval(run.state.params)
         (run.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
       state = run.state
+        run.writer.summary({f"eval/{k}": v for k, v in final_eval.items()})
   finally:
     if own_collector:
       collector.close()
     pool.close()
   return state, final_eval
+  _log(f"[rl] peak host RSS {peak_rss_mb():,.0f} MB")
 
 
 def _check_skips(cfg: RLConfig, metrics: dict, run, step: int) -> None:

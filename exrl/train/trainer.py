@@ -15,11 +15,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 
-from exrl.models import decoder
+from exrl.models import decoder, lora
 from exrl.models.config import ModelConfig
 from exrl.infra import lineage, runlock
 from exrl.infra import mesh as mesh_lib
@@ -45,7 +45,7 @@ def check_mesh_batch(mesh, rows_per_microbatch: int, field: str) -> None:
 
 def setup_state(model_config, params, optimizer, seed, mesh):
   """Shard params by the logical-axis rules and build the train state on the mesh."""
-  shardings = mesh_lib.param_shardings(params, decoder.param_axes(model_config), mesh)
+  shardings = mesh_lib.param_shardings(params, lora.tree_axes(model_config, params), mesh)  # or a LoRA adapter's
   params = jax.device_put(params, shardings)
   state = jax.jit(lambda p: init_state(p, optimizer, seed))(params)
   return state, jax.tree.map(lambda x: x.sharding, state)
@@ -134,8 +134,11 @@ class Run:
 def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
              mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
              bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
-             restart: bool = False, frozen=None, allow_config_change: bool = False) -> Iterator[Run]:
+             restart: bool = False, frozen=None, allow_config_change: bool = False,
+             trackers: Sequence[str] = ("tensorboard",)) -> Iterator[Run]:
   """Set up (or resume) a run; see the module docstring. `cfg` is written to run_dir/config.json.
+
+  trackers: where process 0 logs besides metrics.jsonl (exrl.infra.trackers: tensorboard, wandb, mlflow).
 
   frozen: the frozen tree the step will take (the RL reference), only to print its share of the memory plan.
   A damaged newest checkpoint is quarantined and the newest one that restores is used; if step dirs exist
@@ -156,7 +159,7 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
     with _open_run(run_dir, model_config, params, optimizer=optimizer, loss_fn=loss_fn, seed=seed,
                    mesh_config=mesh_config, keep_checkpoints=keep_checkpoints, total_steps=total_steps,
                    bar_fields=bar_fields, desc=desc, frozen_shardings_like_params=frozen_shardings_like_params,
-                   restart=restart, frozen=frozen,
+                   restart=restart, frozen=frozen, trackers=trackers, cfg_json=config_json(cfg),
                    write_config=lambda start: lineage.commit(run_dir, record, pending, start)) as run:
       yield run
 
@@ -165,7 +168,8 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
 def _open_run(run_dir: Path, model_config: ModelConfig, params, *, optimizer, loss_fn, seed: int,
               mesh_config: mesh_lib.MeshConfig, keep_checkpoints: int, total_steps: int,
               bar_fields: Mapping[str, str], desc: str, frozen_shardings_like_params: bool,
-              restart: bool, frozen, write_config) -> Iterator[Run]:
+              restart: bool, frozen, write_config, trackers: Sequence[str] = ("tensorboard",),
+              cfg_json: Mapping[str, Any] | None = None) -> Iterator[Run]:
   enable_compilation_cache()
   mesh = mesh_lib.make_mesh(mesh_config)
   state, state_sh = setup_state(model_config, params, optimizer, seed, mesh)
@@ -186,7 +190,8 @@ def _open_run(run_dir: Path, model_config: ModelConfig, params, *, optimizer, lo
     elif state is None:  # nothing restored (every step damaged and --restart): start over
       state, _ = setup_state(model_config, params, optimizer, seed, mesh)
     # Multi-host: process 0 alone writes metrics and config.json (every process runs this same loop).
-    writer = MetricsWriter(run_dir, resume_step=start if start else None) if jax.process_index() == 0 else NullWriter()
+    writer = (MetricsWriter(run_dir, resume_step=start if start else None, trackers=trackers, config=cfg_json)
+              if jax.process_index() == 0 else NullWriter())
     if jax.process_index() == 0:
       write_config(start)
     bar = ProgressBar(total_steps, dict(bar_fields), initial=start, desc=desc)
