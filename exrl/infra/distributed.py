@@ -250,6 +250,9 @@ class NullWriter:
   def write(self, *args, **kwargs) -> None:
     del args, kwargs
 
+  def summary(self, *args, **kwargs) -> None:
+    del args, kwargs
+
   def close(self) -> None:
     pass
 

@@ -15,8 +15,9 @@ Values are converted to python numbers on host (ints stay ints, floats become fl
 written as JSON `NaN`/`Infinity`, which `json.loads` reads back). Call `write` after the jitted
 step has returned, never inside jit.
 
-TensorBoard scalars go to `run_dir/tb/` (tag = metric name, timing under `timing/`); on resume a
-`purge_step` tells TensorBoard to drop the killed run's events after the resume step.
+The same scalars go to the chosen trackers (exrl.infra.trackers: TensorBoard under `run_dir/tb/`, wandb,
+mlflow; tag = metric name, timing under `timing/`), which also get the config once and the final eval
+(`summary`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import tqdm
+
+from exrl.infra.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 _ML_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")  # numpy kind "V", still floats
@@ -114,11 +117,14 @@ class MetricsWriter:
     resume_step: the checkpoint step the run resumes from. Lines with step > resume_step (written
       by the killed run after its last checkpoint) are dropped. None starts a fresh log: an
       existing metrics.jsonl is moved aside to metrics.jsonl.prev.
-    tensorboard: also write TensorBoard event files under `run_dir/tb`.
+    tensorboard: also write TensorBoard event files under `run_dir/tb` (when `trackers` is None).
+    trackers: names from exrl.infra.trackers.TRACKERS; None means ("tensorboard",) or (), per `tensorboard`.
+    config: the run's config as JSON, given to the trackers (wandb config, mlflow params).
   """
 
   def __init__(self, run_dir: str | Path, *, resume_step: int | None = None,
-               tensorboard: bool = True):
+               tensorboard: bool = True, trackers: Sequence[str] | None = None,
+               config: Mapping[str, Any] | None = None):
     self.run_dir = Path(run_dir)
     self.run_dir.mkdir(parents=True, exist_ok=True)
     self.path = self.run_dir / METRICS_FILE
@@ -133,15 +139,13 @@ class MetricsWriter:
       self.last_step = int(resume_step)
     self._file = open(self.path, "a")
     self._start = time.time()
-    self._tb = None
-    if tensorboard:
-      from tensorboardX import SummaryWriter  # lazy: tensorboard is optional
-
-      # purge_step: TensorBoard hides events of the killed run from this step on
-      purge = None if resume_step is None else int(resume_step) + 1
-      # unique suffix: event files are named by the second, so a fast restart would clobber one
-      self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge, flush_secs=10,
-                               filename_suffix=f".{time.time_ns()}")
+    if trackers is None:
+      trackers = ("tensorboard",) if tensorboard else ()
+    try:
+      self._trackers = open_trackers(trackers, self.run_dir, resume_step=resume_step, config=config)
+    except BaseException:
+      self._file.close()
+      raise
 
   def write(self, step: int, metrics: Mapping[str, Any],
             timing: Mapping[str, Any] | None = None) -> dict:
@@ -161,22 +165,33 @@ class MetricsWriter:
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     os.fsync(self._file.fileno())  # the line survives the process dying right after
-    if self._tb is not None:
-      for name, value in record["metrics"].items():
-        self._tb.add_scalar(name, value, step)
-      for name, value in record["timing"].items():
-        if name != "time":
-          self._tb.add_scalar(f"timing/{name}", value, step)
-      self._tb.flush()
+    if self._trackers:
+      scalars = {**record["metrics"],
+                 **{f"timing/{k}": v for k, v in record["timing"].items() if k != "time"}}
+      for tracker in self._trackers:
+        tracker.log(step, scalars)
     self.last_step = step
     return record
+
+  def summary(self, metrics: Mapping[str, Any]) -> dict:
+    """The final evaluation to the trackers (at the last logged step); not a metrics.jsonl line. Non-numeric
+    values are left out. Returns the scalars sent."""
+    scalars = {}
+    for name, value in metrics.items():
+      try:
+        scalars.update(flatten_scalars({name: value}))
+      except (TypeError, ValueError):
+        continue  # e.g. a list of per-problem samples
+    for tracker in self._trackers:
+      tracker.summary(self.last_step or 0, scalars)
+    return scalars
 
   def close(self) -> None:
     if not self._file.closed:
       self._file.close()
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    trackers, self._trackers = self._trackers, []
+    for tracker in trackers:
+      tracker.close()
 
   def __enter__(self) -> MetricsWriter:
     return self

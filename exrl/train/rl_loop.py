@@ -33,6 +33,7 @@ from exrl.infra import mesh as mesh_lib
 from exrl.train import packing
 from exrl.infra.resources import peak_rss_mb
 from exrl.infra.trackers import TrackerName, check_names as check_trackers
+from exrl.infra.trackers import TrackerName, check_names as check_trackers
 from exrl.train.adapter import Adapter
 from exrl.train.async_loop import train_async
 from exrl.train.collect.groups import GroupCollector
@@ -83,6 +84,7 @@ class RLConfig:
   # of it for longer rows; train.packing); 0 trains the padded rows as they are
   pack_width: int = 128
   lora: LoraConfig = LoraConfig()  # rank > 0: train a LoRA adapter on the frozen base (exrl.train.adapter)
+  trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
   # asynchronous RL (exrl.train.async_loop): generation overlaps the updates, each batch trained <= max_lag versions
   # late; 0 is the synchronous loop. stale: what happens to a group staler than that (drop | rescore).
   max_lag: int = 0
@@ -104,6 +106,7 @@ class RLConfig:
                  "keep_checkpoints", "max_skips_in_row"):
       if getattr(self, name) < 1:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
+    check_trackers(self.trackers, "RLConfig.trackers")
     if self.eval_every < 0:
       raise ValueError(f"RLConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
     if not self.verifier_timeout_s > 0:
@@ -211,6 +214,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
       if eval_problems:
         final_eval = run_eval(run.state.params)
         (run.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
+        run.writer.summary({f"eval/{k}": v for k, v in final_eval.items()})
       state = run.state
         run.writer.summary({f"eval/{k}": v for k, v in final_eval.items()})
   finally:

@@ -18,6 +18,7 @@ from exrl.infra import mesh as mesh_lib
 from exrl.train.objectives import sft_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer
 from exrl.train.step import shard_batch
+from exrl.infra.trackers import TrackerName, check_names as check_trackers
 from exrl.train.trainer import check_mesh_batch, check_vocab, open_run, resolve_remat
 
 
@@ -38,8 +39,10 @@ class SFTConfig:
   vocab_parallel: bool = True  # mesh tensor > 1: each device streams only its vocab shard (kernels.sharded)
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
   allow_config_change: bool = False  # resume under a config that changes the experiment; recorded (infra.lineage)
+  trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
 
   def __post_init__(self):
+    check_trackers(self.trackers, "SFTConfig.trackers")
     for name in ("steps", "batch_size", "num_microbatches", "max_len", "checkpoint_every", "keep_checkpoints"):
       if getattr(self, name) < 1:
         raise ValueError(f"SFTConfig.{name}={getattr(self, name)} must be >= 1")
@@ -86,7 +89,7 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=loss_fn,
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
                 bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False,
-                restart=cfg.restart, allow_config_change=cfg.allow_config_change) as run:
+                restart=cfg.restart, allow_config_change=cfg.allow_config_change, trackers=cfg.trackers) as run:
     check_mesh_batch(run.mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
     M = cfg.num_microbatches
     for step in range(run.start, cfg.steps):
