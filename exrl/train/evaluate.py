@@ -15,7 +15,8 @@ import numpy as np
 
 from exrl.models.config import ModelConfig
 from exrl.rollout.markov import MarkovConfig, markov_sample, response_tokens
-from exrl.rollout.sampler import SamplingConfig, bucket_length, pad_prompts, sample
+from exrl.rollout.engine import generate
+from exrl.rollout.sampler import SamplingConfig, bucket_length, pad_prompts, with_interrupt_tokens
 from exrl.tasks import pool as pool_lib
 
 
@@ -71,8 +72,9 @@ def generate_texts(config: ModelConfig, params, tokenizer, prompts: Sequence[str
     chunk += [chunk[-1]] * (batch_size - n)  # fixed batch shape: one compile
     tokens, valid = pad_prompts([encode(p) for p in chunk], tokenizer.pad_id)
     if markov is None:
-      out = sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling)
-      toks, mask = jax.device_get((out.tokens_BxN, out.mask_BxN))
+      out = generate(config, params, tokens, valid, jax.random.fold_in(key, i), sampling)
+      # The generated tokens, injected length-interruption text included (mask_BxN drops it: it carries no loss).
+      toks, mask = jax.device_get((out.tokens_BxN, out.seq_valid_BxS[:, tokens.shape[1]:]))
       responses = [toks[row][mask[row]].tolist() for row in range(n)]
     else:
       responses = response_tokens(markov_sample(config, params, tokens, valid, jax.random.fold_in(key, i), sampling,
@@ -96,6 +98,7 @@ def evaluate(config: ModelConfig, params, tokenizer, problems, verify: Callable 
   key = jax.random.key(cfg.seed)
   sampled = dataclasses.replace(cfg.sampling, stop_token_ids=cfg.sampling.stop_token_ids or tuple(tokenizer.stop_ids),
                                 pad_id=tokenizer.pad_id)
+  sampled = with_interrupt_tokens(sampled, tokenizer.encode)
 
   def score(texts):
     s, info = pool_lib.verifier_rewards(texts, problems, verify, pool=pool)
@@ -134,6 +137,7 @@ def answer_probe(config: ModelConfig, params, tokenizer, problems, extract: Call
   """
   sampled = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids or tuple(tokenizer.stop_ids),
                                 pad_id=tokenizer.pad_id)
+  sampled = with_interrupt_tokens(sampled, tokenizer.encode)
   prompts = [p.prompt for p in problems for _ in range(samples)]
   batch_size = min(batch_size, bucket_length(len(prompts), "pow2"))
   answers, sc, ent = [], [], []
@@ -142,7 +146,7 @@ def answer_probe(config: ModelConfig, params, tokenizer, problems, extract: Call
     n = len(chunk)
     chunk += [chunk[-1]] * (batch_size - n)
     tokens, valid = pad_prompts([tokenizer.encode(p, add_bos=True) for p in chunk], tokenizer.pad_id)
-    out = sample(config, params, tokens, valid, jax.random.fold_in(jax.random.key(seed), i), sampled)
+    out = generate(config, params, tokens, valid, jax.random.fold_in(jax.random.key(seed), i), sampled)
     toks, mask, sc_BxN, ent_BxN = jax.device_get((out.tokens_BxN, out.mask_BxN, out.self_certainty_BxN,
                                                  out.entropy_BxN))
     per_token = lambda x_BxN: (x_BxN * mask).sum(1) / np.maximum(mask.sum(1), 1)
