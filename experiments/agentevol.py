@@ -15,7 +15,7 @@ Measured (default run, seed 0, 1315 s on 2 shared CPU cores): greedy success on 
 per env, mean over maze / wordle / textcraft: BC 0.0 %; K=1 M=1..4: 0.0, 2.1, 3.1, 5.2 %; K=2 M=1..4:
 0.0, 0.0, 1.0, 3.1 % (best cell wordle K=1 M=4 12.5 % [5, 28]; textcraft 0 % throughout). All CIs overlap:
 the BC model learned the ReAct format but not the tasks, so exploration found 0 to 6 successes a round.
-Details and the comparison with the paper: the "Agents" section of experiments/README.md.
+Details and the comparison with the paper: docs/results/agentevol.md.
 """
 from __future__ import annotations
 

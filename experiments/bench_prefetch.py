@@ -6,7 +6,7 @@ Each step builds a batch on the host (ExIt source draw of self-iteration problem
 tokenise, pad, device_put) and runs a device step (forward + backward + SGD of the tiny decoder on it).
 Sequential: build, then step. Prefetched: a worker thread builds batch i+1 while step i runs.
 Reported: mean host build time, mean step time both ways, and the device idle time removed per step.
-Measured result: see the ExIt section of experiments/README.md.
+Measured result: see docs/results/exit.md.
 """
 from __future__ import annotations
 

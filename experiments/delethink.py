@@ -19,7 +19,7 @@
    Delethink inference is also applied to the base and the LongCoT-trained model.
 
 Chunk boundaries (50, then every 25 tokens) fall mid-step on purpose: the carryover starts inside a step.
-Runtime and measured result: see the Delethink section of experiments/README.md. The last stdout line is the
+Runtime and measured result: see docs/results/delethink.md. The last stdout line is the
 JSON result, also written to runs/delethink/results.json, with the plots accuracy_vs_budget.png and curves.png.
 """
 from __future__ import annotations

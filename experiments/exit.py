@@ -20,7 +20,7 @@ More RL seeds from the same SFT base, then the across-seed table (mean and 95% t
   python -m experiments.exit --seed 1 --run-dir runs/exit/seed1 --base-dir runs/exit
   python -m experiments.exit --aggregate runs/exit/result.json runs/exit/seed1/result.json ...
 
-Runtime and measured result (4 seeds, 256 held-out problems): see the ExIt section of experiments/README.md.
+Runtime and measured result (4 seeds, 256 held-out problems): see docs/results/exit.md.
 The last stdout line is the JSON result, also written to runs/exit/results.json.
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ the self-certainty / accuracy / length / KL curves over steps (PNG). The claims 
   3. β=0 collapses (length shrinks, accuracy falls).
 
 Runtime on 2 CPU cores: 21 min (3 seeds; measured while other jobs shared the machine).
-Result (400 held-out problems per seed, pooled 95% Wilson CIs; details in experiments/README.md):
+Result (400 held-out problems per seed, pooled 95% Wilson CIs; details in docs/results/intuitor.md):
   in-domain pass@1: base 0.307 [0.282, 0.334], grpo 0.333 [0.307, 0.361], intuitor 0.003,
   intuitor_offline 0.001, intuitor_beta0 0.005; OOD (three-operand sums) <= 0.004 for every model.
 The last stdout line is the JSON result, also written to runs/intuitor_ablations/results.json.

@@ -2,7 +2,7 @@
 a paper-like relative learning rate, and evaluation in domain and on families RL never trains on.
 
   python -m experiments.intuitor_regime                      # seed 0
-  python -m experiments.intuitor_regime --seeds 0 1 2        # the 3-seed table in experiments/README.md
+  python -m experiments.intuitor_regime --seeds 0 1 2        # the 3-seed table in docs/results/intuitor.md
 
 Per seed:
   1. the base: a tiny Qwen2-style decoder SFT-trained for `sft.steps` on a broad mix of scratchpad arithmetic
