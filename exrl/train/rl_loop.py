@@ -33,7 +33,6 @@ from exrl.infra import mesh as mesh_lib
 from exrl.train import packing
 from exrl.infra.resources import peak_rss_mb
 from exrl.infra.trackers import TrackerName, check_names as check_trackers
-from exrl.infra.trackers import TrackerName, check_names as check_trackers
 from exrl.train.adapter import Adapter
 from exrl.train.async_loop import train_async
 from exrl.train.collect.groups import GroupCollector
@@ -84,7 +83,6 @@ class RLConfig:
   # of it for longer rows; train.packing); 0 trains the padded rows as they are
   pack_width: int = 128
   lora: LoraConfig = LoraConfig()  # rank > 0: train a LoRA adapter on the frozen base (exrl.train.adapter)
-  trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
   # asynchronous RL (exrl.train.async_loop): generation overlaps the updates, each batch trained <= max_lag versions
   # late; 0 is the synchronous loop. stale: what happens to a group staler than that (drop | rescore).
   max_lag: int = 0
@@ -114,7 +112,7 @@ class RLConfig:
     rows = self.prompts_per_step * self.group_size
     if rows % self.num_microbatches or (rows // self.num_microbatches) % self.group_size:
       raise ValueError(f"RLConfig.num_microbatches={self.num_microbatches} must split the {rows} rows "
-    check_trackers(self.trackers, "RLConfig.trackers")
+                       f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
     if self.max_lag < 0 or self.rollout_devices < 0:
       raise ValueError(f"RLConfig.max_lag={self.max_lag} and rollout_devices={self.rollout_devices} must be >= 0")
     if self.stale not in ("drop", "rescore") or self.async_schedule not in ("free", "deterministic"):
@@ -123,7 +121,6 @@ class RLConfig:
     if self.max_lag and self.inner_epochs > 1:
       raise ValueError(f"RLConfig.max_lag={self.max_lag} needs inner_epochs=1 (got {self.inner_epochs}): the ratio "
                        f"is taken to the sampler's per-token behaviour log-probs")
-                       f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
 
 
 def _log(msg: str) -> None:
@@ -216,7 +213,6 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         (run.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
         run.writer.summary({f"eval/{k}": v for k, v in final_eval.items()})
       state = run.state
-        run.writer.summary({f"eval/{k}": v for k, v in final_eval.items()})
   finally:
     if own_collector:
       collector.close()
