@@ -12,7 +12,7 @@ Shape suffixes: B batch, P padded prompt length, N max_new_tokens, S = P + N, V 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +54,7 @@ class SamplingConfig:
   greedy: bool = False
   pad_id: int | None = None
   head_dtype: str | None = None
-  engine: str = "static"
+  engine: Literal["static", "continuous"] = "static"
   slots: int = 64  # continuous engine: decode slots (fewer if a call has fewer rows)
   think_budget: int = 0  # 0: no length interruption
   interrupt_text: str = "Time is up. The final answer is"
