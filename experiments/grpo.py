@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +36,7 @@ from exrl import cli
 from exrl.tasks import MathDatasetTask
 from exrl.tasks.math_data import drop_long_prompts
 from exrl.tokenizer import load_tokenizer
+from exrl.infra import distributed
 from exrl.infra import lineage, runlock
 from exrl.infra.checkpoint import export_hf
 from exrl.train.evaluate import EvalConfig
@@ -50,6 +50,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 class Args:
   model: str = ""  # local HF checkpoint directory (config.json + *.safetensors + tokenizer files)
   data: str = ""  # local .jsonl / .json / .parquet with question and answer fields
+  eval_data: str = ""  # a separate eval file (same format and fields as --data); empty: a hash split of --data
   question_field: str = "question"
   answer_field: str = "answer"
   max_prompt_tokens: int = 512  # longer prompts are dropped (and counted) at load
@@ -63,6 +64,7 @@ class Args:
   positive_resampling: bool = True  # False: ScaleRL's no positive resampling, solved prompts are dropped for good
   pass_rate_threshold: float = 0.9  # without positive resampling: a prompt's pass rate so far at which it is dropped
   rl: RLConfig = RLConfig(run_dir="runs/grpo")
+  distributed: distributed.DistributedConfig = distributed.DistributedConfig()  # multi-host: see exrl.infra.distributed
 
   def __post_init__(self):
     if self.eval_problems < 0:
@@ -127,9 +129,16 @@ def main(args: Args) -> dict:
 
   task = MathDatasetTask(args.data, args.question_field, args.answer_field)
   wrap = lambda ps: [dataclasses.replace(p, prompt=to_text(p.prompt)) for p in ps]
-  train, dropped = drop_long_prompts(wrap(task.problems("train")), lambda t: len(encode(t)), args.max_prompt_tokens,
-                                     args.data)
-  evals = wrap(task.problems("eval"))[:args.eval_problems]
+  # With --eval-data every row of --data trains; without it the hash split holds out a fixed share of --data.
+  eval_task = MathDatasetTask(args.eval_data, args.question_field, args.answer_field) if args.eval_data else None
+  train, dropped = drop_long_prompts(wrap(task.problems(None if eval_task else "train")), lambda t: len(encode(t)),
+                                     args.max_prompt_tokens, args.data)
+  eval_pool = eval_task.problems() if eval_task else task.problems("eval")
+  evals = wrap(eval_pool)[:args.eval_problems]
+  print(f"[grpo] eval set: {len(evals)} of {len(eval_pool)} problems from " +
+        (f"{args.eval_data} (--eval-data); all of {args.data} trains" if eval_task else
+         f"the hash split of {args.data} (eval_fraction={task.eval_fraction}; --eval-data FILE for a separate set)"),
+        flush=True)
   prompt_len = max(len(encode(p.prompt)) for p in train + evals)
   longest = prompt_len + max(args.rl.sampling.max_new_tokens, args.rl.eval.sampling.max_new_tokens)
   if longest > hf_config.max_position_embeddings:
@@ -139,7 +148,9 @@ def main(args: Args) -> dict:
   # The data file's bytes define the run (its path may move); the weights are fingerprinted by the trainer.
   lineage.declare(args.rl.run_dir, "experiment",
                   {**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.name != "rl"},
-                   "data_sha256": lineage.file_sha256(args.data)}, observe_only=_OBSERVE_ONLY)
+                   "data_sha256": lineage.file_sha256(args.data),
+                   **({"eval_data_sha256": lineage.file_sha256(args.eval_data)} if args.eval_data else {})},
+                  observe_only=_OBSERVE_ONLY)
   config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
@@ -162,10 +173,9 @@ def main(args: Args) -> dict:
 
 
 def _entry() -> dict:
-  if os.environ.get("EXRL_DISTRIBUTED"):  # set by tpu_scripts/launch.sh on every worker
-    from exrl.infra.mesh import initialize_distributed
-    initialize_distributed()
-  return main(parse(sys.argv[1:]))
+  args = parse(sys.argv[1:])
+  distributed.init(args.distributed)  # one process: a no-op; flags, EXRL_*, SLURM or a TPU pod otherwise
+  return main(args)
 
 
 if __name__ == "__main__":

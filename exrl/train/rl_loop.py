@@ -18,33 +18,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import jax
 
 from exrl.curriculum.source import ProblemSource
 from exrl.models.config import ModelConfig
 from exrl.models.lora import LoraConfig
+from exrl.rl import rewards as rewards_lib
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.sampler import SamplingConfig
 from exrl.tasks import pool as pool_lib
 from exrl.infra import mesh as mesh_lib
-from exrl.train import packing
 from exrl.infra.resources import peak_rss_mb
 from exrl.infra.trackers import TrackerName, check_names as check_trackers
 from exrl.train.adapter import Adapter
 from exrl.train.async_loop import train_async
 from exrl.train.collect.groups import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
-from exrl.train.experience import Collector, pack_microbatches
+from exrl.train.experience import Collector, device_batch
 from exrl.train.objectives import rl_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer, next_key
-from exrl.train.step import shard_batch
 from exrl.train.trainer import check_vocab, config_json, open_run, resolve_remat
 
-REWARDS = ("verifier", "self_certainty", "mix", "entropy", "majority", "noise", "shuffled")
 ANNOTATORS = ("online", "offline")
+# The registry's names as a Literal, so --help lists every registered reward (exrl.rl.rewards.REWARDS).
+RewardName = Literal[tuple(rewards_lib.REWARDS)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +56,9 @@ class RLConfig:
   group_size: int = 8
   num_microbatches: int = 1
   inner_epochs: int = 1
-  # verifier | self_certainty (Intuitor) | mix (verifier + self-certainty) | label-free: entropy (RENT),
-  # majority (TTRL vote) | controls: noise (N(0,1)), shuffled (self-certainty permuted within each group)
-  reward: str = "verifier"
+  # a name in exrl.rl.rewards.REWARDS: verifier | self_certainty (Intuitor) | mix | entropy (RENT) | majority (TTRL)
+  # | controls: noise, shuffled
+  reward: RewardName = "verifier"
   mix_weights: tuple[float, float] = (1.0, 1.0)  # (verifier, self-certainty) after per-reward group norm
   sc_annotator: str = "online"  # online: the sampling policy; offline: the frozen reference (ablation)
   sampling: SamplingConfig = SamplingConfig(max_new_tokens=32, temperature=1.0)
@@ -92,10 +92,17 @@ class RLConfig:
   trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
 
   def __post_init__(self):
-    if self.reward not in REWARDS:
-      raise ValueError(f"RLConfig.reward={self.reward!r}; valid: {REWARDS}")
+    if self.reward not in rewards_lib.REWARDS:
+      raise ValueError(f"RLConfig.reward={self.reward!r}; valid: {tuple(rewards_lib.REWARDS)}")
     if self.sc_annotator not in ANNOTATORS:
       raise ValueError(f"RLConfig.sc_annotator={self.sc_annotator!r}; valid: {ANNOTATORS}")
+    # Settings that only act through a reward must not be set for a reward that ignores them.
+    if self.sc_annotator != "online" and rewards_lib.SELF_CERTAINTY not in rewards_lib.REWARDS[self.reward].needs:
+      raise ValueError(f"RLConfig.sc_annotator={self.sc_annotator!r} has no effect with reward={self.reward!r}, "
+                       f"which reads no self-certainty")
+    if self.mix_weights != (1.0, 1.0) and self.reward != "mix":
+      raise ValueError(f"RLConfig.mix_weights={self.mix_weights} has no effect with reward={self.reward!r}; "
+                       f"set reward='mix'")
     if self.group_size < 2:
       raise ValueError(f"RLConfig.group_size={self.group_size}; group advantages need at least 2 samples")
     if self.pack_width < 0:
@@ -105,14 +112,6 @@ class RLConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
     check_trackers(self.trackers, "RLConfig.trackers")
-    if self.eval_every < 0:
-      raise ValueError(f"RLConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
-    if not self.verifier_timeout_s > 0:
-      raise ValueError(f"RLConfig.verifier_timeout_s={self.verifier_timeout_s} must be > 0 seconds")
-    rows = self.prompts_per_step * self.group_size
-    if rows % self.num_microbatches or (rows // self.num_microbatches) % self.group_size:
-      raise ValueError(f"RLConfig.num_microbatches={self.num_microbatches} must split the {rows} rows "
-                       f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
     if self.max_lag < 0 or self.rollout_devices < 0:
       raise ValueError(f"RLConfig.max_lag={self.max_lag} and rollout_devices={self.rollout_devices} must be >= 0")
     if self.stale not in ("drop", "rescore") or self.async_schedule not in ("free", "deterministic"):
@@ -121,6 +120,14 @@ class RLConfig:
     if self.max_lag and self.inner_epochs > 1:
       raise ValueError(f"RLConfig.max_lag={self.max_lag} needs inner_epochs=1 (got {self.inner_epochs}): the ratio "
                        f"is taken to the sampler's per-token behaviour log-probs")
+    if self.eval_every < 0:
+      raise ValueError(f"RLConfig.eval_every={self.eval_every} must be >= 0 (0: evaluate only at the end)")
+    if not self.verifier_timeout_s > 0:
+      raise ValueError(f"RLConfig.verifier_timeout_s={self.verifier_timeout_s} must be > 0 seconds")
+    rows = self.prompts_per_step * self.group_size
+    if rows % self.num_microbatches or (rows // self.num_microbatches) % self.group_size:
+      raise ValueError(f"RLConfig.num_microbatches={self.num_microbatches} must split the {rows} rows "
+                       f"(prompts_per_step*group_size) into whole groups of {self.group_size}")
 
 
 def _log(msg: str) -> None:
@@ -169,9 +176,10 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
                   total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=not cfg.lora.on,
                   restart=cfg.restart, frozen=ref_params, allow_config_change=cfg.allow_config_change,
                   trackers=cfg.trackers) as run:
-      row_multiple = mesh_lib.batch_divisor(run.mesh)
+      prompts = _prompts_per_process(cfg, run.mesh, source)
       ref_params = adapter.place_base(run.mesh, run.state_shardings.params)
       if run.start:
+        adapter.check_resume(run.meta)
         source.load_state_dict(run.meta["source"])
       _log(f"[rl] step {run.start + 1} compiles the sampler and the train step (once per shape; cached on disk)")
       if cfg.max_lag:  # PipelineRL-k (exrl.train.async_loop); max_lag = 0 runs the loop below, unchanged
@@ -180,18 +188,11 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
                     save_meta=lambda: {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
       for step in range(run.start, cfg.steps) if not cfg.max_lag else ():
         t0 = time.time()
-        problems = source.batch(step, cfg.prompts_per_step)
+        problems = source.batch(step, prompts)  # this process's own problems
         run.state, key = next_key(run.state)
         exp = collector.collect(adapter.policy(run.state.params), ref_params, problems, key)
-        adapter.check_resume(run.meta)
         t_collect = time.time()
-        batch = pack_microbatches(exp.rows, cfg.num_microbatches, row_multiple)
-        packed = packing.pack(batch, width=cfg.pack_width, row_multiple=row_multiple) if cfg.pack_width else None
-        # The update's shape: token slots it runs on, their width, and the share of them that are real tokens.
-        train_tokens = packed["packed_tokens"] if packed else batch["tokens"]
-        shape = {"train_slots": train_tokens.size, "train_width": train_tokens.shape[-1],
-                 "train_fill": float(batch["valid"].sum() / train_tokens.size)}
-        batch = shard_batch(packed or batch, run.mesh)
+        batch, shape = device_batch(exp.rows, cfg.num_microbatches, cfg.pack_width, run.mesh)
         for _ in range(cfg.inner_epochs):
           run.state, train_metrics = run.step_fn(run.state, batch, ref_params)
         source.update(problems, exp)
@@ -217,8 +218,25 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
     if own_collector:
       collector.close()
     pool.close()
-  return state, final_eval
   _log(f"[rl] peak host RSS {peak_rss_mb():,.0f} MB")
+  return state, final_eval
+
+
+def _prompts_per_process(cfg: RLConfig, mesh, source) -> int:
+  """Each process asks its source for its own share of the step's prompts and builds only those rows."""
+  procs = jax.process_count()
+  if procs == 1:
+    return cfg.prompts_per_step
+  if not getattr(source, "per_process", False):
+    raise ValueError(f"{type(source).__name__} yields the same problems on every process; a multi-host run needs a "
+                     f"source with per_process = True (exrl.curriculum.source), so each host builds its own rows")
+  if cfg.prompts_per_step % procs or mesh_lib.batch_divisor(mesh) % procs:
+    raise ValueError(f"RLConfig.prompts_per_step={cfg.prompts_per_step} and the mesh's data*fsdp="
+                     f"{mesh_lib.batch_divisor(mesh)} must both split over the {procs} processes")
+  n = cfg.prompts_per_step // procs
+  _log(f"[rl] process {jax.process_index()}/{procs} builds {n * cfg.group_size} of "
+       f"{cfg.prompts_per_step * cfg.group_size} rollouts per step")
+  return n
 
 
 def _check_skips(cfg: RLConfig, metrics: dict, run, step: int) -> None:
