@@ -1,0 +1,65 @@
+"""In-flight weight switches (PipelineRL, arXiv 2509.19128): decode on the continuous engine's slots one step at a
+time, asking for the newest params between steps, and tag every token with the policy version that sampled it.
+
+A switch takes effect at the next decode step; the KV cache of earlier tokens is kept (computed by older versions),
+as PipelineRL does. The first token after a switch is drawn from the new head applied to the hidden state the
+previous step computed with the old weights; every later token's forward uses the new weights throughout.
+A row may thus carry tokens of several versions; the trainer's lag is taken from its oldest token.
+
+Every request's samples must fit the slots at once (no refill): this is the engine of a rollout worker's batch, not a
+server. Tokens are identical to `continuous.run`'s for the same keys while the params do not change.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from exrl.models.config import ModelConfig
+from exrl.rollout import continuous
+from exrl.rollout.sampler import SamplingConfig
+
+
+def generate(config: ModelConfig, params_fn: Callable[[int], tuple[int, dict]], prompts: Sequence[Sequence[int]],
+             sampling: SamplingConfig, *, num_samples: int, prompt_len: int, key: jax.Array) -> dict:
+  """Sample num_samples completions per prompt; params_fn(decode_step) -> (version, params) is called before
+  every decode step (step 0 also prefills). Request u's key is fold_in(key, u), as in `continuous.run`.
+
+  Returns numpy rows [U * num_samples, N]: tokens, mask, logp, version (-1 where no token), and rows' min_version.
+  """
+  S, P, N = len(prompts) * num_samples, prompt_len, sampling.max_new_tokens
+  pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
+  version, params = params_fn(0)
+  state = continuous.init_state(config, sampling, S, P)
+  for u, prompt in enumerate(prompts):
+    if not 0 < len(prompt) <= P:
+      raise ValueError(f"prompt {u} has {len(prompt)} tokens; must be in [1, prompt_len={P}]")
+    tokens_1xP = np.full((1, P), pad, np.int32)
+    tokens_1xP[0, P - len(prompt):] = prompt
+    cache, h_D, length = continuous._prefill_jit(config, params, tokens_1xP, np.arange(P)[None] >= P - len(prompt))
+    slot_M = np.full((S,), S, np.int32)
+    slot_M[:num_samples] = np.arange(u * num_samples, (u + 1) * num_samples)
+    keys = jax.random.key_data(continuous.row_keys([jax.random.fold_in(key, u)], [num_samples]))
+    key_M = jnp.zeros((S, *keys.shape[1:]), keys.dtype).at[:num_samples].set(keys)
+    end_M = np.zeros((S,), np.int32)
+    end_M[:num_samples] = N
+    state = continuous._insert_jit(state, cache, h_D, length, slot_M, end_M, key_M)
+  version_SxN = np.full((S, N), -1, np.int64)
+  active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
+  step = 0
+  while active_S.any():
+    if step:
+      version, params = params_fn(step)
+    live = np.flatnonzero(active_S)
+    version_SxN[live, t_S[live]] = version  # the token each live slot draws in this step
+    state = continuous._decode_jit(config, sampling, params, state, S + 1, 1)
+    active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
+    step += 1
+  host = jax.device_get({k: state[k] for k in ("tokens_SxN", "mask_SxN", "logp_SxN")})
+  keep_SxN = np.arange(N)[None] < t_S[:, None]
+  version_SxN = np.where(keep_SxN, version_SxN, -1)
+  min_version_S = np.where(keep_SxN, version_SxN, np.iinfo(np.int64).max).min(1)
+  return {"tokens": np.where(keep_SxN, host["tokens_SxN"], pad), "mask": host["mask_SxN"] & keep_SxN,
+          "logp": np.where(keep_SxN, host["logp_SxN"], 0.0), "version": version_SxN, "min_version": min_version_S}
