@@ -13,8 +13,11 @@ import jax
 import numpy as np
 
 from exrl.models.config import ModelConfig
+from exrl.models.lora import LoraConfig
 from exrl.rollout.sampler import bucket_length
 from exrl.infra import mesh as mesh_lib
+from exrl.infra.resources import peak_rss_mb
+from exrl.train.adapter import Adapter
 from exrl.train.objectives import sft_loss_fn
 from exrl.train.state import OptimConfig, TrainState, make_optimizer
 from exrl.train.step import shard_batch
@@ -40,6 +43,7 @@ class SFTConfig:
   restart: bool = False  # start over (damaged checkpoints are moved aside) when no checkpoint restores
   allow_config_change: bool = False  # resume under a config that changes the experiment; recorded (infra.lineage)
   trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
+  lora: LoraConfig = LoraConfig()  # rank > 0: train a LoRA adapter on the frozen base (exrl.train.adapter)
 
   def __post_init__(self):
     check_trackers(self.trackers, "SFTConfig.trackers")
@@ -86,22 +90,27 @@ def train_sft(cfg: SFTConfig, model_config: ModelConfig, params, tokenizer,
   optimizer = make_optimizer(cfg.optim, cfg.steps)
   loss_fn = sft_loss_fn(model_config, remat=resolve_remat(cfg.remat, model_config), fp32_head=cfg.fp32_head,
                         mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None)
-  with open_run(cfg.run_dir, cfg, model_config, params, optimizer=optimizer, loss_fn=loss_fn,
+  adapter = Adapter(cfg.lora, model_config, params, cfg.seed)  # the identity unless cfg.lora.rank > 0
+  with open_run(cfg.run_dir, cfg, model_config, adapter.trainable, optimizer=optimizer, loss_fn=adapter.wrap(loss_fn),
                 seed=cfg.seed, mesh_config=cfg.mesh, keep_checkpoints=cfg.keep_checkpoints, total_steps=cfg.steps,
                 bar_fields={"nll": "nll", "gnorm": "grad_norm"}, desc="sft", frozen_shardings_like_params=False,
                 restart=cfg.restart, allow_config_change=cfg.allow_config_change, trackers=cfg.trackers) as run:
     check_mesh_batch(run.mesh, cfg.batch_size // cfg.num_microbatches, "SFTConfig.batch_size/num_microbatches")
     M = cfg.num_microbatches
+    frozen = adapter.place_base(run.mesh, None) if cfg.lora.on else None
+    if run.start:
+      adapter.check_resume(run.meta)
     for step in range(run.start, cfg.steps):
       t0 = time.time()
       rows = sft_rows([ids[i] for i in _epoch_slice(len(ids), cfg.batch_size, step, cfg.seed)], length)
       batch = {k: v.reshape(M, cfg.batch_size // M, *v.shape[1:]) for k, v in rows.items()}
-      run.state, metrics = run.step_fn(run.state, shard_batch(batch, run.mesh), None)
+      run.state, metrics = run.step_fn(run.state, shard_batch(batch, run.mesh), frozen)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       run.writer.write(step + 1, metrics, {"step_s": time.time() - t0})
       run.bar.update(step + 1, metrics)
       if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-        run.save(step + 1, {})
+        run.save(step + 1, dict(adapter.meta))
+    print(f"[sft] peak host RSS {peak_rss_mb():,.0f} MB", flush=True)
     return run.state
 
 
