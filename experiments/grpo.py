@@ -51,7 +51,6 @@ class Args:
   model: str = ""  # local HF checkpoint directory (config.json + *.safetensors + tokenizer files)
   data: str = ""  # local .jsonl / .json / .parquet with question and answer fields
   eval_data: str = ""  # a separate eval file (same format and fields as --data); empty: a hash split of --data
-  eval_data: str = ""  # a separate eval file (same format and fields as --data); empty: a hash split of --data
   question_field: str = "question"
   answer_field: str = "answer"
   max_prompt_tokens: int = 512  # longer prompts are dropped (and counted) at load
