@@ -1,4 +1,4 @@
-"""Delethink vs LongCoT RL on a long-reasoning task, evaluated at thinking budgets beyond training (RESEARCH.md §3).
+"""Delethink vs LongCoT RL on a long-reasoning task, evaluated at thinking budgets beyond training (arXiv 2510.06557).
 
   python -m experiments.delethink
 

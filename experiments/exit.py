@@ -1,5 +1,5 @@
 """ExIt on Countdown: GRPO vs + curriculum / + improve / + diverge / full ExIt from one SFT base, evaluated
-by K-step self-iteration on held-out problems (RESEARCH.md §4, the paper's Table 1 layout).
+by K-step self-iteration on held-out problems (arXiv 2509.04575, the paper's Table 1 layout).
 
   python -m experiments.exit
 

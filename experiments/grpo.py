@@ -6,8 +6,8 @@ The first word picks a preset (`default` when left out; `python -m experiments.g
 shows its values); every flag after it overrides the preset. `--rl.reward verifier | self_certainty |
 mix`: math-verify on the final answer, Intuitor's self-certainty (no labels used), or both normalised per
 group and summed with `--rl.mix-weights`. The `intuitor` preset sets the published Intuitor
-hyper-parameters (RESEARCH.md §1: lr 3e-6, group 7, KL β 0.005, 128 prompts, temperature 0.9, prompt 512 /
-completion 3072 tokens). The `scalerl` preset turns on the ScaleRL recipe's switches (RESEARCH.md §2): CISPO,
+hyper-parameters (arXiv 2505.19590: lr 3e-6, group 7, KL β 0.005, 128 prompts, temperature 0.9, prompt 512 /
+completion 3072 tokens). The `scalerl` preset turns on the ScaleRL recipe's switches (arXiv 2510.13786): CISPO,
 prompt-level loss aggregation, batch-level advantage normalisation, zero-variance filtering, the FP32 LM head
 and no positive resampling (`--no-positive-resampling`: a prompt whose pass rate so far is >= 0.9 is never
 served again; that history is saved in every checkpoint); the other values are the defaults.
@@ -77,7 +77,7 @@ class Args:
 
 PRESETS = {
     "default": ("small defaults that run on a CPU", Args()),
-    "intuitor": ("Intuitor's published recipe (RESEARCH.md §1)", Args(
+    "intuitor": ("Intuitor's published recipe (arXiv 2505.19590)", Args(
         max_prompt_tokens=512, param_dtype="float32", compute_dtype="bfloat16",
         rl=RLConfig(run_dir="runs/intuitor", steps=58, prompts_per_step=128, group_size=7, num_microbatches=8,
                     sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9),
@@ -85,7 +85,7 @@ PRESETS = {
                     optim=OptimConfig(lr=3e-6, warmup_frac=0.1, min_lr_ratio=0.0),
                     eval=EvalConfig(batch_size=64, sampling=SamplingConfig(max_new_tokens=3072, temperature=0.9)),
                     checkpoint_every=10, remat=True, reward="self_certainty"))),
-    "scalerl": ("ScaleRL's recipe switches (RESEARCH.md §2); other values as in default", Args(
+    "scalerl": ("ScaleRL's recipe switches (arXiv 2510.13786); other values as in default", Args(
         positive_resampling=False, pass_rate_threshold=0.9,
         rl=RLConfig(run_dir="runs/scalerl", loss=LossConfig(kind="cispo", aggregation="prompt"),
                     advantage=AdvantageConfig(mode="batch", filter_zero_variance=True), fp32_head=True))),

@@ -1,4 +1,4 @@
-"""Intuitor's findings at small scale, over several seeds (RESEARCH.md §1).
+"""Intuitor's findings at small scale, over several seeds (arXiv 2505.19590).
 
   python -m experiments.intuitor_ablations
 

@@ -1,4 +1,4 @@
-"""ScaleRL sigmoid compute-scaling fit of a run's score (RESEARCH.md §2, exrl/scaling.py).
+"""ScaleRL sigmoid compute-scaling fit of a run's score (arXiv 2510.13786, exrl/scaling.py).
 
   python -m experiments.scaling_fit --csv curve.csv                     # columns: compute (or flops / gpu_hours), score
   python -m experiments.scaling_fit --metrics runs/grpo/metrics.jsonl --num-params 1.5e9 --prompt-tokens 200

@@ -56,7 +56,7 @@ def _one_line(text: str) -> str:
 
 
 def _where(e: BaseException) -> str:
-  """' (in exrl/x.py:123 fn)' for the innermost frame of this repo or experiments, else ''."""
+  """' (in <file>:<line> <function>)' for the innermost frame of this repo or experiments, else ''."""
   root = Path(__file__).resolve().parents[1]
   frames = [f for f in traceback.extract_tb(e.__traceback__)
             if Path(f.filename).resolve().is_relative_to(root)] if e.__traceback__ else []

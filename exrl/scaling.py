@@ -1,4 +1,4 @@
-"""ScaleRL compute-scaling fits: R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) (arXiv 2510.13786, RESEARCH.md §2).
+"""ScaleRL compute-scaling fits: R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B) (arXiv 2510.13786).
 
 A is the asymptotic score, B the efficiency exponent, C_mid the compute at half the gain, R0 the score at the
 start. The fitting procedure follows the paper: drop the early points, fix R0 from the start of the run,

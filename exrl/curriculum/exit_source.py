@@ -1,5 +1,5 @@
 """The ExIt autocurriculum as a `ProblemSource`: base tasks mixed with self-iteration steps drawn from a
-prioritised buffer of the model's own partial histories (RESEARCH.md §4).
+prioritised buffer of the model's own partial histories (ExIt, arXiv 2509.04575).
 
   source = ExItSource(TaskSource(get_task("countdown")), ExItConfig(), count_tokens=lambda s: len(encode(s)))
   train_rl(cfg, model_config, params, tokenizer, source)     # verify=None: rewards by problem.task

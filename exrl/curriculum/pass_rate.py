@@ -1,4 +1,4 @@
-"""ScaleRL "no positive resampling": drop, for good, problems the policy already solves (RESEARCH.md §2).
+"""ScaleRL "no positive resampling": drop, for good, problems the policy already solves (arXiv 2510.13786).
 
 `PassRateSource(inner)` wraps any `ProblemSource`. `update` adds each trace's pass (traces["correct"] when the
 collector gives it, else reward >= pass_reward) to its problem's history; once a problem has at least

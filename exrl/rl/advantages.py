@@ -7,7 +7,7 @@ with `config` and `group_size` static:
 
     adv_B, valid_B = jax.jit(compute_advantages, static_argnums=(1, 2))(rewards_B, config, 8)
 
-Formulas (RESEARCH.md §1-2), per reward signal r and group g:
+Formulas (GRPO arXiv 2402.03300, Dr.GRPO arXiv 2503.20783, ScaleRL arXiv 2510.13786), per reward signal r and group g:
   grpo:    A = (r - mean_g) / (std_g + eps)
   drgrpo:  A = r - mean_g
   batch:   A = (r - mean_g) / (std_batch(r - mean_g) + eps)      (ScaleRL)

@@ -1,5 +1,6 @@
 """GRPO-family policy losses: PPO-clip (with DAPO clip-higher) and CISPO, a KL to the reference
-(k3 or the kernel's exact KL), an entropy bonus, and four loss aggregations (RESEARCH.md §2-3).
+(k3 or the kernel's exact KL), an entropy bonus, and four loss aggregations (DAPO arXiv 2503.14476,
+Dr.GRPO arXiv 2503.20783, CISPO arXiv 2506.13585, ScaleRL arXiv 2510.13786).
 
 Rows are sequences of fixed width T. A row may be a whole rollout or one packed segment of a longer
 trace (a Delethink chunk): rows sharing a `trace_id_B` are one trace, carry the trace's advantage,

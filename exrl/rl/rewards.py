@@ -3,7 +3,7 @@
 Verifier rewards run untrusted model output through time-bounded worker processes, so they live with
 the tasks: `exrl.tasks.pool.verifier_rewards`.
 
-Self-certainty (Intuitor, RESEARCH.md §1) is the masked token-mean of the per-token `kernels.token_stats(...)
+Self-certainty (Intuitor, arXiv 2505.19590) is the masked token-mean of the per-token `kernels.token_stats(...)
 .self_certainty` over response tokens. Which model produced those per-token values (the online policy that sampled the
 rollout, or a frozen annotator for the offline ablation) is the caller's switch; this function only reduces them.
 """

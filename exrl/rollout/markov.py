@@ -1,4 +1,4 @@
-"""Markovian chunked generation (Delethink, RESEARCH.md §3): think in chunks of C tokens with a bounded context.
+"""Markovian chunked generation (Delethink, arXiv 2510.06557): think in chunks of C tokens with a bounded context.
 
 Chunk 1 generates up to C tokens after the query q. While a trace has not stopped, chunk k > 1 starts from
 q ⊕ carryover, where the carryover is m tokens: the first h response tokens (kept once) then the last m − h
@@ -197,7 +197,7 @@ def chunk_examples(query_ids: list[int], response_ids: list[int],
   Chunk 1 is query ⊕ the first C response tokens; chunk k ≥ 2 starts at response offset t = C + (k−2)(C − m)
   and is query ⊕ response[:h] ⊕ response[t−(m−h):t] ⊕ the next C − m tokens. The mask marks the generated
   part. Only the chunk that reaches the end of `response_ids` (which should end in eos) teaches stopping, so
-  a base trained on these continues a trace from any carryover (R1-Distill does it zero-shot, RESEARCH.md §3).
+  a base trained on these continues a trace from any carryover (R1-Distill does it zero-shot, arXiv 2510.06557).
   Every chunk of the trace is returned, however many: the trace need not fit `max_chunks`.
   """
   C, m, h = markov.chunk_size, markov.carryover, markov.head

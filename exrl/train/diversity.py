@@ -1,6 +1,6 @@
 """ExIt's optional diversity bonus: each trace's advantage is multiplied by the normalised distance of its
 embedding from its group's mean embedding, the embedding being the policy's own mean hidden state over
-the trace's response tokens (RESEARCH.md §4).
+the trace's response tokens (ExIt, arXiv 2509.04575).
 
   collector = DiversityBonusCollector(GroupCollector(cfg, ...), model_config)
 
