@@ -88,9 +88,10 @@ def train_async(cfg, run, collector, adapter, ref_params, source, prompts: int, 
       sched.publish(step + 1, place(run.state.params))
       t_update = time.time()
       step_s = t_update - t0
-      metrics["async/trainer_idle_frac"] = min(wait_s / max(step_s, 1e-9), 1.0)
-      metrics["async/generator_idle_frac"] = min(sched.take_generator_idle_s() / max(step_s, 1e-9), 1.0)
-      timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": step_s, "wait_s": wait_s, **shape}
+      # idle fractions depend on timing: logged with the timings, outside the deterministic metrics
+      timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": step_s, "wait_s": wait_s, **shape,
+                "trainer_idle_frac": min(wait_s / max(step_s, 1e-9), 1.0),
+                "generator_idle_frac": min(sched.take_generator_idle_s() / max(step_s, 1e-9), 1.0)}
       if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
         with pool_lock:
           ev = run_eval(run.state.params)
