@@ -48,13 +48,14 @@ def train_async(cfg, run, collector, adapter, ref_params, source, prompts: int, 
   source_lock, pool_lock = threading.Lock(), threading.Lock()
   base_key = jax.random.key(cfg.seed)
   temperature = 1.0 if cfg.sampling.greedy else cfg.sampling.temperature
+  worker_ref = place(ref_params) if cfg.rollout_devices else ref_params  # the collector scores it with the policy
 
   def generate(step, version, params, box):
     del box  # the collector samples a whole batch with one version; no in-flight switch on this path
     with source_lock:
       problems = source.batch(step, prompts)
     with pool_lock:
-      exp = collector.collect(adapter.policy(params), ref_params, problems, jax.random.fold_in(base_key, step))
+      exp = collector.collect(adapter.policy(params), worker_ref, problems, jax.random.fold_in(base_key, step))
     num_groups = int(np.max(exp.rows["group_id"])) + 1
     return (problems, exp), np.full((num_groups,), version)
 
