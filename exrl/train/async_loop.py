@@ -41,6 +41,19 @@ def rollout_placement(cfg):
   return lambda params: jax.device_put(copy(params), sharding)
 
 
+def handle_stale(rows: dict, stale_G: np.ndarray, policy: str, rescore) -> dict:
+  """The rows with stale groups dropped (loss mask zeroed: shapes stay fixed) or re-scored (old_logp from
+  rescore(rows) -> float[B, S], the trainer's current policy)."""
+  if policy not in async_rl.STALE_POLICIES:
+    raise ValueError(f"stale={policy!r} is unknown; valid: {async_rl.STALE_POLICIES}")
+  stale_B = np.asarray(stale_G)[rows["group_id"]]
+  if not stale_B.any():
+    return rows
+  if policy == "drop":
+    return {**rows, "loss_mask": rows["loss_mask"] * ~stale_B[:, None]}
+  return {**rows, "old_logp": np.where(stale_B[:, None], rescore(rows), rows["old_logp"])}
+
+
 def train_async(cfg, run, collector, adapter, ref_params, source, prompts: int, *, model_config, run_eval,
                 on_eval, eval_problems, check_skips, save_meta) -> None:
   """Steps [run.start, cfg.steps) of `train_rl` with generation overlapping the updates (see the module docstring)."""
@@ -67,15 +80,10 @@ def train_async(cfg, run, collector, adapter, ref_params, source, prompts: int, 
       rollout, wait_s = sched.next(step)
       problems, exp = rollout.payload
       stale_G, lag = async_rl.lag_metrics(step, rollout.min_version_G, cfg.max_lag)
-      rows = dict(exp.rows)
-      stale_B = stale_G[rows["group_id"]]
-      if stale_B.any() and cfg.stale == "drop":
-        rows["loss_mask"] = rows["loss_mask"] * ~stale_B[:, None]
-      elif stale_B.any():  # rescore: this step's params become the old (behaviour) policy of the stale rows
-        fresh = jax.device_get(score(model_config, adapter.policy(run.state.params), None, rows["tokens"],
-                                     rows["valid"], rows["positions"], rows["loss_mask"], with_ref=False,
-                                     temperature=temperature)["logp"])
-        rows["old_logp"] = np.where(stale_B[:, None], fresh, rows["old_logp"])
+      rescore = lambda rows: jax.device_get(score(
+          model_config, adapter.policy(run.state.params), None, rows["tokens"], rows["valid"], rows["positions"],
+          rows["loss_mask"], with_ref=False, temperature=temperature)["logp"])
+      rows = handle_stale(exp.rows, stale_G, cfg.stale, rescore)
       t_collect = time.time()
       batch, shape = device_batch(rows, cfg.num_microbatches, cfg.pack_width, run.mesh)
       for _ in range(cfg.inner_epochs):

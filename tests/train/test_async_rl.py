@@ -13,6 +13,7 @@ from exrl.models.config import ModelConfig
 from exrl.rollout import continuous, versioned
 from exrl.rollout.sampler import SamplingConfig
 from exrl.train import async_rl
+from exrl.train.async_loop import handle_stale
 
 GROUPS = 4
 
@@ -137,3 +138,15 @@ def test_version_tags_across_an_in_flight_switch():
   live = switched["version"] >= 0
   np.testing.assert_array_equal(switched["version"][live], np.where(np.nonzero(live)[1] < SWITCH, 0, 1))
   assert (switched["min_version"] == 0).all()
+
+
+def test_stale_groups_are_dropped_or_rescored():
+  rows = {"group_id": np.array([0, 0, 1, 1]), "loss_mask": np.ones((4, 3), np.float32),
+          "old_logp": np.full((4, 3), -1.0, np.float32)}
+  stale_G = np.array([False, True])
+  dropped = handle_stale(rows, stale_G, "drop", None)
+  np.testing.assert_array_equal(dropped["loss_mask"].sum(1), [3, 3, 0, 0])
+  rescored = handle_stale(rows, stale_G, "rescore", lambda r: np.full((4, 3), -2.0, np.float32))
+  np.testing.assert_array_equal(rescored["old_logp"][:, 0], [-1, -1, -2, -2])
+  np.testing.assert_array_equal(rescored["loss_mask"], rows["loss_mask"])
+  assert handle_stale(rows, np.array([False, False]), "rescore", None) is rows
