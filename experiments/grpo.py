@@ -39,6 +39,8 @@ from exrl.tokenizer import load_tokenizer
 from exrl.infra import distributed
 from exrl.infra import lineage, runlock
 from exrl.infra.checkpoint import export_hf
+from exrl.infra.resources import peak_rss_mb
+from exrl.models.peft_export import export_lora
 from exrl.train.evaluate import EvalConfig
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.state import OptimConfig
@@ -154,19 +156,26 @@ def main(args: Args) -> dict:
   config, params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
-  state, result = train_rl(args.rl, config, params, tokenizer, make_source(args, train),
-                           eval_problems=evals, verify=task.verify, encode=encode)
+  lora_cfg = dataclasses.replace(args.rl.lora, base_path=str(Path(args.model).resolve()))  # recorded in checkpoints
+  state, result = train_rl(dataclasses.replace(args.rl, lora=lora_cfg), config, params, tokenizer,
+                           make_source(args, train), eval_problems=evals, verify=task.verify, encode=encode)
   out = {"eval": {k: v for k, v in result.items() if k != "greedy_examples"}, "run_dir": args.rl.run_dir,
-         "seed": args.rl.seed, "eval_problems": len(evals)}
+         "seed": args.rl.seed, "eval_problems": len(evals), "train_peak_rss_mb": round(peak_rss_mb())}
   if args.export:
     export_dir = Path(args.rl.run_dir) / "hf"
     export_dtype = (hf.saved_dtype(hf.read_config_json(Path(args.model) / "config.json"), config.param_dtype)
                     if args.export_dtype == "auto" else args.export_dtype)
-    export_hf(config, state.params, export_dir, dtype=export_dtype)
+    if lora_cfg.on:  # <run-dir>/hf merged, <run-dir>/peft the adapter alone
+      dirs = export_lora(config, params, state.params, lora_cfg, args.rl.run_dir, dtype=export_dtype)
+      out["export_peft"] = dirs["peft"]
+    else:
+      export_hf(config, state.params, export_dir, dtype=export_dtype)
     for f in Path(args.model).iterdir():  # tokenizer and generation files, so the export is servable as is
       if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
         shutil.copy2(f, export_dir / f.name)
     out["export"] = str(export_dir)
+  out["peak_rss_mb"] = round(peak_rss_mb())  # the whole run's, export included (getrusage)
+  print(f"[grpo] peak host RSS {out['peak_rss_mb']:,} MB (training {out['train_peak_rss_mb']:,} MB)", flush=True)
   (Path(args.rl.run_dir) / "result.json").write_text(json.dumps(out, indent=2))
   print(json.dumps(out), flush=True)
   return out
