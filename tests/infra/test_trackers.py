@@ -55,15 +55,10 @@ def _wandb_records(path):
       yield record
 
 
-def test_wandb_offline_logs_metrics_config_and_summary(tmp_path, monkeypatch):
-  pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
-  monkeypatch.setenv("WANDB_MODE", "offline")
-  monkeypatch.setenv("WANDB_SILENT", "true")
-  monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-  sent = _log_run(tmp_path, ["wandb"])
-  assert sent == {"eval/accuracy": 0.75}  # lists and strings are left out
-  run_id = json.loads((tmp_path / trackers.IDS_FILE).read_text())["wandb"]
-  (path,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
+def _wandb_logged(run_dir):
+  """(history by step, config, summary) of the offline wandb run whose id run_dir/trackers.json holds."""
+  run_id = json.loads((run_dir / trackers.IDS_FILE).read_text())["wandb"]
+  (path,) = glob.glob(str(run_dir / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
   history, config, summary = {}, {}, {}
   for record in _wandb_records(path):
     kind = record.WhichOneof("record_type")
@@ -74,6 +69,17 @@ def test_wandb_offline_logs_metrics_config_and_summary(tmp_path, monkeypatch):
       config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
     elif kind == "summary":
       summary.update({item.key: json.loads(item.value_json) for item in record.summary.update if item.key})
+  return history, config, summary
+
+
+def test_wandb_offline_logs_metrics_config_and_summary(tmp_path, monkeypatch):
+  pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+  sent = _log_run(tmp_path, ["wandb"])
+  assert sent == {"eval/accuracy": 0.75}  # lists and strings are left out
+  history, config, summary = _wandb_logged(tmp_path)
   for line in read_jsonl(tmp_path / "metrics.jsonl"):
     logged = history[line["step"]]
     assert {k: logged[k] for k in line["metrics"]} == line["metrics"]
@@ -124,3 +130,38 @@ def test_missing_package_names_the_extra(tmp_path, monkeypatch):
   with pytest.raises(ImportError, match=r"pip install -e \"\.\[wandb\]\""):
     MetricsWriter(tmp_path, trackers=["wandb"])
   assert (tmp_path / "metrics.jsonl").exists()  # the writer's file was closed, not leaked open
+
+
+def test_train_rl_logs_to_wandb_and_mlflow(tmp_path, monkeypatch):
+  """A tiny train_rl run with --rl.trackers wandb mlflow: each holds every step of metrics.jsonl, the config,
+  and the final eval of eval.json."""
+  pytest.importorskip("wandb", reason="the wandb extra is not installed (pip install -e '.[wandb]')")
+  pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install -e '.[mlflow]')")
+  from mlflow.tracking import MlflowClient
+
+  from tests.train import mini_rl
+
+  uri = f"file:{tmp_path / 'mlruns'}"
+  for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
+                     "MLFLOW_TRACKING_URI": uri, "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
+    monkeypatch.setenv(key, value)
+  run_dir = tmp_path / "run"
+  _, final_eval = mini_rl.run(str(run_dir), steps=2, eval_n=4, trackers=("wandb", "mlflow"))
+  lines = read_jsonl(run_dir / "metrics.jsonl")
+  assert [r["step"] for r in lines] == [1, 2] and not (run_dir / "tb").exists()  # tensorboard not asked for
+  evals = {f"eval/{k}": v for k, v in final_eval.items() if isinstance(v, (int, float))}
+  assert evals and json.loads((run_dir / "eval.json").read_text())["n"] == 4
+
+  history, config, summary = _wandb_logged(run_dir)
+  assert {s: {k: history[s][k] for k in line["metrics"]} for s, line in ((r["step"], r) for r in lines)} == {
+      r["step"]: r["metrics"] for r in lines}
+  assert config["steps"] == 2 and config["trackers"] == ["wandb", "mlflow"] and config["group_size"] == 4
+  assert {k: summary[k] for k in evals} == pytest.approx(evals)
+
+  client = MlflowClient(uri)
+  run = client.get_run(json.loads((run_dir / trackers.IDS_FILE).read_text())["mlflow"])
+  assert run.data.params["steps"] == "2" and run.data.params["sampling.max_new_tokens"] == "4"
+  for name in lines[0]["metrics"]:
+    got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+    assert got == pytest.approx([(r["step"], r["metrics"][name]) for r in lines], nan_ok=True), name
+  assert {k: run.data.metrics[k] for k in evals} == pytest.approx(evals)
