@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import backend as jax_backend
 
 # Dense bf16 FLOP/s and HBM bytes/s per chip from vendor datasheets, matched by substring of
 # jax.devices()[0].device_kind, first match wins (so "H100 PCIe" precedes "H100").
@@ -45,7 +46,7 @@ def versions() -> dict:
   out = {d: _version(d) for d in ("jax", "jaxlib", "flax", "optax", "transformers", "torch", "libtpu",
                                    "jax-cuda12-plugin", "jax-cuda12-pjrt", "jax-cuda13-plugin", "jax-cuda13-pjrt")}
   out = {k: v for k, v in out.items() if v is not None}
-  backend = jax.extend.backend.get_backend()
+  backend = jax_backend.get_backend()
   out["platform_version"] = getattr(backend, "platform_version", None)  # e.g. "cuda 12080" or the libtpu build
   try:
     import torch  # lazily: the environment section must work without torch

@@ -54,8 +54,8 @@ def run(shape, dtype: str, repeats: int, gpu_blocks, tiny: bool, put, deadline: 
     try:
       t0 = time.perf_counter()
       compiled = _step(fn, targets_N).lower(hidden_NxD, w_DxV).compile()
-      row = {"compile_s": time.perf_counter() - t0,
-             "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
+      memory = compiled.memory_analysis()  # None where a backend does not report it
+      row = {"compile_s": time.perf_counter() - t0, "temp_bytes": getattr(memory, "temp_size_in_bytes", None)}
       (_, (logp, entropy)), (dh, dw) = jax.block_until_ready(compiled(hidden_NxD, w_DxV))
       times = time_call(compiled, hidden_NxD, w_DxV, repeats=repeats)
       row.update(fwd_bwd_s=statistics.median(times), fwd_bwd_s_all=times)

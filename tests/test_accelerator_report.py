@@ -108,3 +108,17 @@ def test_runs_without_tyro_or_other_extras(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert list(result["sections"]) == ["env"] and result["sections"]["env"]["status"] == "ok"
+
+
+def test_watchdog_ends_an_overrunning_section_and_keeps_the_result(tmp_path):
+  # A section that sleeps past the budget: the process exits 3 after total_budget_s + grace_s, result.json says why.
+  code = ("import time\nfrom experiments import accelerator_report as ar\nar.MIN_START_S = 0.0\n"
+          "ar.RUNNERS['env'] = lambda run, put, deadline: (put('started', True), time.sleep(60))\n"
+          f"ar.main(ar.Config(tiny=True, out_dir={str(tmp_path)!r}, total_budget_s=1.0, grace_s=1.0, "
+          "sections=('env',)))\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 3, proc.stderr[-3000:]
+  result = json.loads((tmp_path / "result.json").read_text())
+  assert "'env'" in result["killed_by_watchdog"] and result["sections"]["env"]["started"] is True
+  assert "Killed by the watchdog" in (tmp_path / "report.md").read_text()
