@@ -111,5 +111,7 @@ def train_async(cfg, run, collector, adapter, ref_params, source, prompts: int, 
       run.bar.update(step + 1, metrics)
       if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
         run.save(step + 1, save_meta())  # the trainer's state only: rollouts in flight are not saved
-  finally:
-    sched.close()
+  except BaseException:
+    sched.close(strict=False)  # the trainer's error is the one to report
+    raise
+  sched.close()
