@@ -51,9 +51,8 @@ def _timing_means(run_dir: Path) -> dict:
   lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
   mean = lambda xs: round(float(np.mean(xs)), 3) if xs else None
   return {"step_s": mean([r["timing"]["step_s"] for r in lines]),
-          "trainer_idle_frac": mean([r["timing"]["trainer_idle_frac"] for r in lines if "trainer_idle_frac" in r["timing"]]),
-          "generator_idle_frac": mean([r["timing"]["generator_idle_frac"] for r in lines
-                                       if "generator_idle_frac" in r["timing"]]),
+          **{k: mean([r["timing"][k] for r in lines if k in r["timing"]])
+             for k in ("trainer_idle_frac", "generator_idle_frac")},
           "lag_mean": mean([r["metrics"].get("lag/mean", 0.0) for r in lines])}
 
 

@@ -9,9 +9,9 @@ two sides overlap even on a 2-core machine; real generation and training overlap
 devices (RLConfig.rollout_devices), which a 2-core CPU cannot show.
 
 For each k: seconds per step (after one warm-up step) against the synchronous sum generate + train and the overlap
-bound max(generate, train), both from the stand-ins' measured durations (a loaded machine oversleeps), the ratio step / max, and the mean trainer and generator idle fractions. k = 0 runs in
-lockstep (step ~ the sum); k >= 1 should be within 10% of the max. The last stdout line is the JSON result, also
-written to runs/bench_async/result.json.
+bound max(generate, train), both from the stand-ins' measured durations (a loaded machine oversleeps), the ratio
+step / max, and the mean trainer and generator idle fractions. k = 0 runs in lockstep (step ~ the sum); k >= 1
+should be within 10% of the max. The last stdout line is the JSON result, also written to runs/bench_async/result.json.
 """
 from __future__ import annotations
 
