@@ -52,7 +52,7 @@ INSTRUCTION = "Please reason step by step, and put your final answer within \\bo
 class Args:
   model: str = ""  # local HF checkpoint directory (config.json + *.safetensors + tokenizer files)
   data: str = ""  # local .jsonl / .json / .parquet with question and answer fields
-  eval_data: str = ""  # a separate eval file (same format and fields as --data); empty: a hash split of --data
+  eval_data: str = ""  # a separate eval file, same format and fields as the training data; empty: a hash split of it
   question_field: str = "question"
   answer_field: str = "answer"
   max_prompt_tokens: int = 512  # longer prompts are dropped (and counted) at load
