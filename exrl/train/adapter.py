@@ -26,9 +26,12 @@ def content_hash(params) -> str:
   """sha256 over every leaf's path, dtype, shape and bytes (all of them: a base fine-tuned anywhere differs)."""
   h = hashlib.sha256()
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    a = np.ascontiguousarray(np.asarray(x))
-    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.name}|{a.shape}|".encode())
-    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(x.dtype).name}|{tuple(x.shape)}|".encode())
+    # Slice by slice: np.asarray on a whole jax.Array caches a host copy on it for the array's lifetime.
+    step = max(1, (64 << 20) // max(1, x.nbytes // max(1, x.shape[0]))) if x.ndim else 1
+    for i in range(0, x.shape[0] if x.ndim else 1, step):
+      part = np.ascontiguousarray(np.asarray(x[i:i + step] if x.ndim else x))
+      h.update(memoryview(part.reshape(-1).view(np.uint8)))
   return h.hexdigest()
 
 
