@@ -26,6 +26,7 @@ from exrl.models.config import ModelConfig
 from exrl.rl import rewards as rewards_lib
 from exrl.rl.advantages import compute_advantages
 from exrl.rl.losses import k3_kl
+from exrl.rollout.sampler import with_interrupt_tokens
 from exrl.tasks import pool as pool_lib
 
 
@@ -37,6 +38,12 @@ def needs_reference(cfg) -> bool:
 
 def _get(cfg, dotted: str):
   return functools.reduce(getattr, dotted.split("."), cfg)
+
+
+# ScaleRL's length interruption lives in the single-completion engines; chunked and multi-turn rollouts have their own
+# budgets.
+INTERRUPTION = ("sampling.think_budget", "sampling.interrupt_text", "sampling.interrupt_token_ids",
+                "sampling.answer_budget")
 
 
 def check_config(cfg, collector: str, unsupported: dict[str, str], provides: Sequence[str]) -> None:
@@ -71,8 +78,9 @@ class CollectorBase:
     check_config(cfg, type(self).__name__, self.unsupported, self.provides)
     self.cfg, self.model_config, self.tokenizer, self.verify = cfg, model_config, tokenizer, verify
     self.encode = encode or (lambda s: tokenizer.encode(s, add_bos=True))
-    self.sampling = dataclasses.replace(
-        cfg.sampling, stop_token_ids=cfg.sampling.stop_token_ids or tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id)
+    self.sampling = with_interrupt_tokens(dataclasses.replace(
+        cfg.sampling, stop_token_ids=cfg.sampling.stop_token_ids or tuple(tokenizer.stop_ids), pad_id=tokenizer.pad_id),
+        tokenizer.encode)
     self.with_ref = needs_reference(cfg)
     self.temperature = 1.0 if self.sampling.greedy else self.sampling.temperature
     self._own_pool = self.verifies and pool is None

@@ -16,7 +16,8 @@ import numpy as np
 
 from exrl.infra import distributed
 from exrl.rl import rewards as rewards_lib
-from exrl.rollout.sampler import bucket_length, pad_prompts, sample
+from exrl.rollout.engine import generate
+from exrl.rollout.sampler import bucket_length, pad_prompts
 from exrl.tasks import pool as pool_lib
 from exrl.tasks.math_data import extract_answer
 from exrl.train.collect import core
@@ -52,7 +53,7 @@ class GroupCollector(core.CollectorBase):
       pad = ((0, 0), (distributed.agree_max(tokens_UxP.shape[1]) - tokens_UxP.shape[1], 0))
       tokens_UxP, valid_UxP = np.pad(tokens_UxP, pad, constant_values=self.tokenizer.pad_id), np.pad(valid_UxP, pad)
       prompts = (distributed.global_rows(tokens_UxP, mesh), distributed.global_rows(valid_UxP, mesh))
-    out = sample(self.model_config, params, *prompts, key, self.sampling, num_samples=G)
+    out = generate(self.model_config, params, *prompts, key, self.sampling, num_samples=G)  # static | continuous
     lengths = np.asarray(to_host(out.lengths_B))  # waits for the sampler: sample_s is real
     t_sample = time.perf_counter()
     # Trim to the longest completion, bucketed, so the update never pays for unused max_new_tokens.
@@ -76,7 +77,9 @@ class GroupCollector(core.CollectorBase):
     mask_BxN = host["mask_BxN"]
     sampler_sc_B = (host["sc_BxN"] * mask_BxN).sum(1) / np.maximum(mask_BxN.sum(1), 1)
     sc_B = host["ref_sc_B"] if cfg.sc_annotator == "offline" else host.get("sc_B", sampler_sc_B)
-    texts = [decode_completion(self.tokenizer, t[m].tolist()) for t, m in zip(host["tokens_BxN"], mask_BxN)]
+    # The text holds every completion token, injected length-interruption text included (it carries no loss).
+    gen_BxN = host["valid"][:, P:]
+    texts = [decode_completion(self.tokenizer, t[m].tolist()) for t, m in zip(host["tokens_BxN"], gen_BxN)]
     correct, vinfo = pool_lib.verifier_rewards(texts, rollout_problems, self.verify, pool=self.pool)
     t_reward = time.perf_counter()
 

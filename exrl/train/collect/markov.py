@@ -32,12 +32,15 @@ from exrl.train.experience import Experience, score
 class MarkovCollector(core.CollectorBase):
   """`collect(params, ref_params, problems, key) -> Experience` with one row per Delethink chunk.
 
-  cfg: an `RLConfig`; every field is honoured, every registered reward included. `sampling.max_new_tokens` may only
+  cfg: an `RLConfig`; every field but the engine's is honoured, every registered reward included. `sampling.max_new_tokens` may only
     be left at its default or equal `markov.budget`: the chunking sets the budget. markov: the chunking. With one inner epoch, old log-probs are the sampler's (at the
     sampling temperature); otherwise every chunk row is re-scored.
   """
 
   provides = rewards_lib.INPUTS
+  unsupported = {"sampling.engine": "Delethink chunks run in exrl.rollout.markov's own chunk loop (static batches)",
+                 "sampling.slots": "Delethink chunks run in exrl.rollout.markov's own chunk loop (static batches)",
+                 **{f: "the chunking bounds the thinking (MarkovConfig)" for f in core.INTERRUPTION}}
 
   def __init__(self, cfg, markov: MarkovConfig, model_config: ModelConfig, tokenizer, *,
                verify: Callable | None = None, encode: Callable | None = None,

@@ -62,7 +62,9 @@ class MultiTurnCollector(core.CollectorBase):
       "inner_epochs": "old log-probs come from the sampler, valid for one inner epoch",
       "sc_annotator": "agent turns carry no self-certainty",
       "sampling.max_new_tokens": "the per-turn budget is MultiTurnConfig.max_new_tokens",
-      **{f"sampling.{f}": _FIXED_SAMPLING for f in ("top_k", "top_p", "greedy", "stop_token_ids", "head_dtype")},
+      **{f"sampling.{f}": _FIXED_SAMPLING for f in ("top_k", "top_p", "greedy", "stop_token_ids", "head_dtype",
+                                                    "engine", "slots")},
+      **{f: "turns are bounded by MultiTurnConfig.max_new_tokens" for f in core.INTERRUPTION},
   }
 
   def __init__(self, cfg, model_config: ModelConfig, tokenizer, env_factory: Callable, rollout_cfg: MultiTurnConfig,

@@ -123,7 +123,7 @@ def _collectors(cfg):
 
 
 def test_every_collector_averages_shared_metrics_over_the_response_tokens(monkeypatch):
-  monkeypatch.setattr(groups, "sample", fake_sample)
+  monkeypatch.setattr(groups, "generate", fake_sample)
   monkeypatch.setattr(markov, "markov_sample", fake_markov)
   monkeypatch.setattr(multiturn, "rollout", fake_rollout)
   monkeypatch.setattr("exrl.tasks.pool.verifier_rewards", fake_verifier)
@@ -158,8 +158,10 @@ def _away_from_default(cfg, dotted):
   if rest:
     return dataclasses.replace(cfg, **{head: _away_from_default(value, rest)})
   other = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v / 2, tuple: lambda v: v + (7,),
-           str: lambda v: {"online": "offline"}.get(v, v + "x")}
+           str: lambda v: {"online": "offline", "static": "continuous"}.get(v, v + "x")}
   new = "bfloat16" if value is None else other[type(value)](value)
+  if head == "think_budget":  # an interruption must fit the completion budget
+    return dataclasses.replace(cfg, think_budget=4, answer_budget=4)
   return dataclasses.replace(cfg, **{head: new})
 
 
@@ -175,6 +177,13 @@ def test_multiturn_refuses_rewards_it_cannot_compute(reward):
   with pytest.raises(ValueError, match=rf"cannot compute RLConfig.reward='{reward}'.*valid here: \('verifier', "
                                        rf"'noise'\)"):
     multiturn.MultiTurnCollector(RLConfig(reward=reward), None, Tok(), lambda n: object(), MultiTurnConfig())
+
+
+@pytest.mark.parametrize("field", sorted(markov.MarkovCollector.unsupported))
+def test_markov_refuses_each_unsupported_field(field):
+  cfg = _away_from_default(RLConfig(), field)
+  with pytest.raises(ValueError, match=rf"MarkovCollector does not support RLConfig\.{field}="):
+    markov.MarkovCollector(cfg, MarkovConfig(), None, Tok(), pool=object())
 
 
 def test_markov_refuses_a_budget_other_than_the_chunkings():
