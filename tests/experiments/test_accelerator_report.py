@@ -13,7 +13,7 @@ from experiments import accel_env, accel_kernels, accelerator_report
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # vocab 100, D 8, MLP 16, 2 layers, 2 heads / 1 kv head of 4, qkv bias, tied embeddings.
 SMALL = ModelConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
                     head_dim=4, qkv_bias=True, tie_word_embeddings=True)
