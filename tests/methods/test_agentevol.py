@@ -10,7 +10,6 @@ from exrl.envs.protocol import StepResult
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, Trajectory
-from exrl.rollout.sampler import SamplingConfig
 from exrl.methods.agentevol import keep_successes
 from exrl.train.collect.multiturn import EnvProblem, MultiTurnCollector
 from exrl.train.rl_loop import RLConfig
@@ -51,7 +50,7 @@ class SlotEnv:
 
 def _rl_cfg(tmp_path, **kw):
   return RLConfig(run_dir=str(tmp_path / "rl"), steps=2, prompts_per_step=2, group_size=2,
-                  sampling=SamplingConfig(max_new_tokens=6), loss=LossConfig(kl_beta=0.0),
+                  loss=LossConfig(kl_beta=0.0),
                   advantage=AdvantageConfig(mode="grpo"), optim=OptimConfig(lr=1e-3, warmup_frac=0.0),
                   checkpoint_every=1, **kw)
 
