@@ -15,7 +15,7 @@ LOCAL = {"exrl", "kernels", "experiments", "tests"}
 # Imported lazily by a declared dependency's feature that exrl uses: transformers' chat templates need jinja2.
 REQUIRED_EXTRA = {"jinja2"}
 # Benchmarks against PyTorch implementations need the test extra (torch), and say so.
-OPTIONAL = {"torch"}
+OPTIONAL = {"torch", "wandb", "mlflow"}  # trackers: optional extras, imported only when asked for
 
 
 def _norm(name: str) -> str:

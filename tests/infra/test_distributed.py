@@ -262,8 +262,12 @@ def test_two_process_rl_loop_equals_single_process_and_resumes_after_a_kill(tmp_
   one, two = tmp_path / "one", tmp_path / "two"
   for run_dir in (one, two):  # both processes share run_dir: build the tokenizer once, up front
     common.build_tokenizer([get_task("arithmetic", digits=1, ops="+")], run_dir, seed=0)
+  # The oracle runs alone first: beside the two processes on 2 cores, its in-process collectives can starve past
+  # XLA's rendezvous time-out, which aborts it (seen in CI).
   oracle = _spawn("rl", 1, 0, one, extra=[str(steps)],
                   env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+  codes, olog = _wait(oracle, timeout=900)
+  assert codes == [0], olog[0][-3000:]
   procs = _spawn("rl", 2, _free_port(), two, extra=[str(steps)])
   try:
     deadline = time.monotonic() + 900
@@ -281,8 +285,6 @@ def test_two_process_rl_loop_equals_single_process_and_resumes_after_a_kill(tmp_
     assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "resumed from" in logs[0]
     assert "[rl] process 1/2 builds 8 of 16 rollouts per step" in logs[1], logs[1][-3000:]
-    codes, olog = _wait(oracle, timeout=900)
-    assert codes == [0], olog[0][-3000:]
   finally:
     for p in [*oracle, *procs]:
       if p.poll() is None:

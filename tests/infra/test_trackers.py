@@ -4,6 +4,7 @@ import glob
 import json
 import struct
 
+import numpy as np
 import pytest
 
 from exrl.infra import trackers
@@ -163,5 +164,6 @@ def test_train_rl_logs_to_wandb_and_mlflow(tmp_path, monkeypatch):
   assert run.data.params["steps"] == "2" and run.data.params["sampling.max_new_tokens"] == "4"
   for name in lines[0]["metrics"]:
     got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
-    assert got == pytest.approx([(r["step"], r["metrics"][name]) for r in lines], nan_ok=True), name
+    want = [(r["step"], r["metrics"][name]) for r in lines]
+    np.testing.assert_allclose(np.asarray(got, float), np.asarray(want, float), rtol=1e-6, err_msg=name)
   assert {k: run.data.metrics[k] for k in evals} == pytest.approx(evals)
