@@ -16,13 +16,14 @@ should be within 10% of the max. The last stdout line is the JSON result, also w
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 import tyro
+
+from experiments import common
 
 from exrl.train import async_rl
 
@@ -90,10 +91,7 @@ def main(args: Args) -> dict:
             "sum_s": round(args.generate_s + args.train_s, 4), "max_s": max(args.generate_s, args.train_s),
             "jitter": args.jitter, "steps": args.steps, "seed": args.seed, "runs": rows,
             "overlap_within_10pct": all(r["step_over_max"] <= 1.10 for r in rows if r["max_lag"] >= 1)}
-  out_dir = Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "result.json").write_text(json.dumps(result) + "\n")
-  print(json.dumps(result), flush=True)
+  common.write_result(Path(args.out_dir), result, "result.json")
   return result
 
 

@@ -25,7 +25,6 @@ Utilisation at N = 1024 is capped by the drain (the longest of 64 rows is ~N ste
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import tyro
+
+from experiments import common
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
@@ -150,10 +151,7 @@ def main(args: Args) -> dict:
             "tokens_match": last["match"], "warmup_s": round(warmup_s, 1),
             "wall_s": {k: [round(x, 2) for x in v] for k, v in wall.items()}, "seed": args.seed,
             "repeats": args.repeats}
-  out_dir = Path(args.out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / "result.json").write_text(json.dumps(result) + "\n")
-  print(json.dumps(result), flush=True)
+  common.write_result(Path(args.out_dir), result, "result.json")
   return result
 
 

@@ -82,7 +82,8 @@ def compact(result: dict) -> dict:
   return {k: result[k] for k in keep if k in result}
 
 
-def write_result(run_dir: Path, result: dict) -> None:
-  """Write results.json, then print the same object as the last stdout line."""
-  (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+def write_result(run_dir: Path, result: dict, filename: str = "results.json") -> None:
+  """Write the result to run_dir/filename, then print the same object as the last stdout line."""
+  Path(run_dir).mkdir(parents=True, exist_ok=True)
+  (Path(run_dir) / filename).write_text(json.dumps(result, indent=2))
   print(json.dumps(result), flush=True)
