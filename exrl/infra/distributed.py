@@ -15,6 +15,7 @@ them with an error instead of a hang.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import socket
@@ -212,9 +213,15 @@ def local_rows(tree, mesh):
 
   def one(x):
     spec = P(mesh_lib.BATCH_AXES, *[None] * (x.ndim - 1))
-    x = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, spec))(x)
+    x = _rows_over_batch(mesh, x.ndim)(x)
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
   return jax.tree.map(one, tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_over_batch(mesh: Mesh, ndim: int):
+  """A jitted identity laying rows over the batch axes: one per (mesh, rank), so steps reuse its compilations."""
+  return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P(mesh_lib.BATCH_AXES, *[None] * (ndim - 1))))
 
 
 def host_allgather(tree):
