@@ -61,6 +61,7 @@ class Config:
       eval=EvalConfig(batch_size=250, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0)))
   eval_problems: int = 500
   probe_problems: int = 64  # what each model answers: 8 samples on each of these held-out problems
+  arms: tuple[str, ...] = ("grpo", "intuitor")  # RL arms to run (e.g. --arms grpo for the LoRA comparison)
 
 
 def task_for(cfg: Config):
@@ -96,7 +97,10 @@ def main(cfg: Config) -> dict:
   results = {"base": evaluate(model_config, base, tokenizer, eval_problems, task.verify, eval_cfg)}
   params_of = {"base": base}
 
-  arms = {"grpo": "verifier", "intuitor": "self_certainty"}
+  arms = {name: reward for name, reward in {"grpo": "verifier", "intuitor": "self_certainty"}.items()
+          if name in cfg.arms}
+  if not arms or len(arms) != len(set(cfg.arms)):
+    raise ValueError(f"arms={cfg.arms!r}; valid: 'grpo', 'intuitor' (one or both)")
   for i, (name, reward) in enumerate(arms.items()):
     print(f"[quickstart] {3 + i}/4 RL arm {name!r} (reward={reward})", flush=True)
     state, results[name] = train_rl(rl_config(cfg, name, reward), model_config, base, tokenizer,
