@@ -144,12 +144,17 @@ def _wait_for_lock(proc, run_dir, timeout=120):
 
 @pytest.mark.slow
 def test_double_launch_exits_2_naming_the_holder_and_leaves_the_first_run_intact(grpo_inputs, tmp_path):
-  """The issue's trial: the same experiments.grpo command launched twice on one run directory."""
+  """The issue's trial: the same experiments.grpo command launched twice on one run directory.
+
+  The first launch is frozen (SIGSTOP) while it holds the lock, so the run directory before and after the refused
+  launch must be byte-for-byte and mtime-for-mtime the same: the refusal wrote nothing, and the first run then goes
+  on from exactly the state it was in (a side-by-side reference run would only re-prove that determinism, which
+  tests/train/test_resume.py covers).
+  """
   model_dir, data, cache = grpo_inputs
-  straight, run = tmp_path / "straight", tmp_path / "run"
-  launch = lambda d: subprocess.Popen(_grpo_cmd(model_dir, data, d), cwd=ROOT, env=_env(cache),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  ref, first = launch(straight), launch(run)  # side by side: the reference never sees a second launch
+  run = tmp_path / "run"
+  first = subprocess.Popen(_grpo_cmd(model_dir, data, run), cwd=ROOT, env=_env(cache), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
   try:
     _wait_for_lock(first, run)
     os.kill(first.pid, signal.SIGSTOP)  # frozen while holding the lock: any write by the second would show
@@ -165,17 +170,9 @@ def test_double_launch_exits_2_naming_the_holder_and_leaves_the_first_run_intact
   assert second.returncode == cli.EXIT_USER_ERROR and len(err.splitlines()) == 1, err[-3000:]
   assert err.startswith(f"error: run directory {run} is in use by host ") and f"PID {first.pid}," in err
   assert second_s < 60, f"the refusal took {second_s:.1f} s"
-  for proc in (first, ref):
-    _, out = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out.decode()[-3000:]
-
-  assert deterministic_lines(run / "metrics.jsonl") == deterministic_lines(straight / "metrics.jsonl")
+  _, out = first.communicate(timeout=600)
+  assert first.returncode == 0, out.decode()[-3000:]
   assert len(deterministic_lines(run / "metrics.jsonl")) == 3
-  ours, theirs = _checkpoints(run), _checkpoints(straight)
-  assert sorted(ours) == sorted(theirs) == [2, 3]
-  for step in theirs:
-    drop_dir = lambda meta: {**meta, "config": {**meta["config"], "run_dir": None}}  # the one intended difference
-    assert drop_dir(ours[step][1]) == drop_dir(theirs[step][1])
-    for k, v in theirs[step][0].items():
-      np.testing.assert_array_equal(ours[step][0][k], v, err_msg=f"step {step} {k}")  # bitwise
-  assert (run / "hf" / "model.safetensors").read_bytes() == (straight / "hf" / "model.safetensors").read_bytes()
+  assert sorted(_checkpoints(run)) == [2, 3]
+  with runlock.hold(run):  # the finished run let go of its lock
+    pass
