@@ -24,7 +24,7 @@ from exrl.envs.experts import EnvTrajectory, expert_trajectories
 from exrl.methods.agentevol import AgentEvolConfig, _sft, build_env, expert_examples
 from exrl.methods.early_experience_data import Branch, iwm_examples, sr_examples, state_ids
 from exrl.models.config import ModelConfig
-from exrl.rollout.multiturn import _decode, parse_action
+from exrl.rollout.multiturn import _decode, agent_text, parse_action
 from exrl.rollout.sampler import SamplingConfig, pad_prompts, sample
 
 IWM_SCHEDULES = ("two_stage", "mixed")
@@ -45,6 +45,7 @@ class EarlyExperienceConfig:
   iwm_epochs: float = 2.0
   sr_epochs: float = 2.0
   sr_max_alternatives: int = 2  # alternatives named in one rationale (keeps the thought within a turn's budget)
+  fill_random: bool = False  # top up to K with random legal actions where the policy proposed fewer (not the paper)
 
   def __post_init__(self):
     if self.iwm_schedule not in IWM_SCHEDULES:
@@ -107,14 +108,23 @@ def pick_alternatives(samples: Sequence[tuple[str, str]], expert_action: str, k:
 
 
 def step_branches(states: Sequence[tuple[EnvTrajectory, int]], alternatives: Sequence[Sequence[tuple[str, str]]],
-                  env_factory: Callable) -> list[Branch]:
+                  env_factory: Callable, fill_to: int = 0, seed: int = 0) -> list[Branch]:
   """Step each state's alternatives (turn text, action) from an exact restore of that state.
 
-  env_factory(name) -> Env (in-process or `EnvClient`); one env per name is reused for every restore."""
+  fill_to > 0 tops a state's alternatives up to that many with actions drawn (seeded) from the restored env's
+  `available_actions()`, when the policy proposed fewer. env_factory(name) -> Env (in-process or `EnvClient`);
+  one env per name is reused for every restore."""
   envs, out = {}, []
   try:
     for (traj, i), alts in zip(states, alternatives, strict=True):
       env = envs[traj.env] if traj.env in envs else envs.setdefault(traj.env, env_factory(traj.env))
+      alts = list(alts)
+      if len(alts) < fill_to:
+        restore(env, traj, i)
+        used = {traj.turns[i][1]} | {a for _, a in alts}
+        pool = [a for a in env.available_actions() if a not in used]
+        rng = random.Random(f"{seed}|{traj.env}|{traj.idx}|{i}")
+        alts += [(agent_text("", a), a) for a in rng.sample(pool, min(len(pool), fill_to - len(alts)))]
       for text, action in alts:
         restore(env, traj, i)
         obs, reward, done = env.step(action)
@@ -127,13 +137,13 @@ def step_branches(states: Sequence[tuple[EnvTrajectory, int]], alternatives: Seq
 
 
 def collect_branches(model_config: ModelConfig, params, tokenizer, trajs: Sequence[EnvTrajectory],
-                     env_factory: Callable, key: jax.Array, cfg: EarlyExperienceConfig) -> list[Branch]:
+                     env_factory: Callable, key: jax.Array, cfg: EarlyExperienceConfig, seed: int = 0) -> list[Branch]:
   """Branch every state of every expert trajectory with up to K policy alternatives, stepped in real envs."""
   states = [(t, i) for t in trajs for i in range(len(t.turns))]
   proposals = propose_actions(model_config, params, tokenizer, [state_ids(tokenizer, t, i) for t, i in states], key,
                               cfg)
   alternatives = [pick_alternatives(samples, t.turns[i][1], cfg.branches) for (t, i), samples in zip(states, proposals)]
-  return step_branches(states, alternatives, env_factory)
+  return step_branches(states, alternatives, env_factory, cfg.branches if cfg.fill_random else 0, seed)
 
 
 def expert_data(evol: AgentEvolConfig, tokenizer) -> tuple[list[EnvTrajectory], list]:

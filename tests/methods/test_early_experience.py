@@ -100,6 +100,19 @@ def test_restore_equals_the_state_reached_directly(name):
     restore(make_env(name, seed=1), traj, len(snaps) - 1)
 
 
+def test_fill_tops_up_with_legal_non_expert_actions():
+  traj, snaps = _snapshots("maze")
+  states = [(traj, i) for i in range(len(snaps))]
+  got = step_branches(states, [[("t", "jump")]] + [[]] * (len(snaps) - 1), lambda n: make_env(n, seed=0), fill_to=2)
+  assert got == step_branches(states, [[("t", "jump")]] + [[]] * (len(snaps) - 1), lambda n: make_env(n, seed=0),
+                              fill_to=2)  # seeded
+  for i, snap in enumerate(snaps):
+    acts = [b.action for b in got if b.turn == i]
+    legal = snap.available_actions()
+    assert len(acts) == min(2, len(legal) - 1 + (i == 0)) and traj.turns[i][1] not in acts
+    assert all(a in legal for a in acts[(i == 0):]) and len(set(acts)) == len(acts)
+
+
 def test_branching_over_http_matches_in_process():
   trajs = {n: _snapshots(n) for n in ALTS}
   with running_server() as url:
