@@ -36,7 +36,7 @@ from exrl.envs.experts import run_expert
 from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, agent_text, instruction_text, observation_text
 from exrl.tokenizer import load_tokenizer, train_sentencepiece
-from exrl.methods.agentevol import AgentEvolConfig, agentevol, evaluate_agent, multiturn_grpo
+from exrl.methods.agentevol import AgentEvolConfig, agentevol, build_env, evaluate_agent, multiturn_grpo
 from exrl.train.rl_loop import RLConfig
 from exrl.train.sft import SFTConfig
 from exrl.train.state import OptimConfig
@@ -141,7 +141,7 @@ def main(cfg: Config) -> dict:
     rl = dataclasses.replace(cfg.grpo, run_dir=str(run_dir / "grpo"), steps=cfg.grpo_steps, seed=cfg.seed)
     state = multiturn_grpo(rl, model_config, bc[0], tokenizer, evol.envs, env_seed=evol.env_seed,
                            instances_per_env=evol.explore_per_env, rollout_cfg=evol.rollout,
-                           success_threshold=evol.reward_threshold)
+                           success_threshold=evol.reward_threshold, env_factory=lambda n: build_env(evol, n))
     results[f"GRPO {cfg.grpo_steps} steps"] = evaluate_agent(evol, model_config, state.params, tokenizer)
   table = markdown(results, evol.envs)
   print("\n" + table, flush=True)

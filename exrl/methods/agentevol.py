@@ -12,6 +12,7 @@ multi-turn collector), for comparison.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ from typing import Callable, Sequence
 import jax
 
 from exrl.curriculum.source import DatasetSource
-from exrl.envs import make_env
+from exrl.envs import ENVS, make_env
 from exrl.envs.experts import run_expert
 from exrl.models.config import ModelConfig
 from exrl.rollout.multiturn import (SUCCESS_THRESHOLD, MultiTurnConfig, Trajectory, agent_text, rollout,
@@ -55,8 +56,13 @@ class AgentEvolConfig:
   rollout: MultiTurnConfig = MultiTurnConfig(max_new_tokens=24, max_len=512)
   rollout_batch: int = 64  # envs per batched rollout
   seed: int = 0
+  # instance difficulty, one "env:key=value" per kwarg of that env's constructor (e.g. "maze:size=4");
+  # expert data, exploration and evaluation all build their envs through `build_env(cfg, name)`
+  env_kwargs: tuple[str, ...] = ()
 
   def __post_init__(self):
+    for name in ENVS:
+      build_env(self, name)  # a bad spec fails here, naming itself, not mid-run
     if self.retrain not in RETRAIN:
       raise ValueError(f"AgentEvolConfig.retrain={self.retrain!r}; valid: {RETRAIN}")
     if self.iterations < 0 or self.samples_per_instruction < 1:
@@ -64,12 +70,37 @@ class AgentEvolConfig:
                        f"{self.samples_per_instruction} >= 1")
 
 
-def expert_examples(tokenizer, envs: Sequence[str], seed: int, n: int) -> list[tuple[list[int], list[int]]]:
-  """D_s as (ids, agent_mask) pairs: the scripted expert on instances [0, n) of every env."""
+def env_kwargs(cfg: AgentEvolConfig, name: str) -> dict:
+  """The constructor kwargs `cfg.env_kwargs` gives env `name` (values parsed as Python literals)."""
+  out = {}
+  for spec in cfg.env_kwargs:
+    env, sep, rest = spec.partition(":")
+    key, eq, value = rest.partition("=")
+    if not sep or not eq or env not in ENVS or not key.strip():
+      raise ValueError(f"AgentEvolConfig.env_kwargs entry {spec!r}; want 'env:key=value' with env in {sorted(ENVS)}")
+    if env == name:
+      try:
+        out[key.strip()] = ast.literal_eval(value.strip())
+      except (ValueError, SyntaxError):
+        raise ValueError(f"AgentEvolConfig.env_kwargs entry {spec!r}: value {value!r} is not a literal") from None
+  return out
+
+
+def build_env(cfg: AgentEvolConfig, name: str, seed: int | None = None):
+  """Env `name` at `cfg.env_seed` (or `seed`) with its `cfg.env_kwargs`."""
+  kwargs = env_kwargs(cfg, name)
+  try:
+    return make_env(name, seed=cfg.env_seed if seed is None else seed, **kwargs)
+  except TypeError as e:
+    raise ValueError(f"AgentEvolConfig.env_kwargs for {name!r} = {kwargs} do not fit its constructor: {e}") from None
+
+
+def expert_examples(tokenizer, cfg: AgentEvolConfig) -> list[tuple[list[int], list[int]]]:
+  """D_s as (ids, agent_mask) pairs: the scripted expert on instances [0, cfg.expert_per_env) of every env."""
   out = []
-  for name in envs:
-    env = make_env(name, seed=seed)
-    for i in range(n):
+  for name in cfg.envs:
+    env = build_env(cfg, name)
+    for i in range(cfg.expert_per_env):
       tr = run_expert(env, i)
       out.append(trajectory_ids(tokenizer, tr.instruction, [(agent_text(t, a), o) for t, a, o in tr.turns]))
   return out
@@ -105,7 +136,7 @@ def success_table(trajs: Sequence[Trajectory], threshold: float) -> dict:
 
 def evaluate_agent(cfg: AgentEvolConfig, model_config, params, tokenizer, env_factory=None) -> dict:
   """Greedy success per env on held-out instances [EVAL_OFFSET, EVAL_OFFSET + eval_per_env)."""
-  env_factory = env_factory or (lambda n: make_env(n, seed=cfg.env_seed))
+  env_factory = env_factory or (lambda n: build_env(cfg, n))
   items = [(n, EVAL_OFFSET + i) for n in cfg.envs for i in range(cfg.eval_per_env)]
   greedy = dataclasses.replace(cfg.rollout, greedy=True)
   trajs = run_rollouts(model_config, params, tokenizer, items, jax.random.key(0), greedy, cfg.rollout_batch,
@@ -143,9 +174,9 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
   env_factory(name) -> Env builds the envs to explore and evaluate in (default: in-process, `cfg.env_seed`).
   bc: (params, eval) of an earlier run's BC model on the same expert data, to skip BC (arms of one experiment).
   """
-  env_factory = env_factory or (lambda n: make_env(n, seed=cfg.env_seed))
+  env_factory = env_factory or (lambda n: build_env(cfg, n))
   t0 = time.time()
-  expert = expert_examples(tokenizer, cfg.envs, cfg.env_seed, cfg.expert_per_env)
+  expert = expert_examples(tokenizer, cfg)
   longest = max(len(ids) for ids, _ in expert)
   if longest > cfg.sft.max_len or longest > cfg.rollout.max_len:
     raise ValueError(f"an expert trajectory has {longest} tokens; raise sft.max_len ({cfg.sft.max_len}) and "

@@ -10,7 +10,7 @@ from exrl.envs.protocol import StepResult
 from exrl.rl.advantages import AdvantageConfig
 from exrl.rl.losses import LossConfig
 from exrl.rollout.multiturn import MultiTurnConfig, Trajectory
-from exrl.methods.agentevol import keep_successes
+from exrl.methods.agentevol import AgentEvolConfig, build_env, expert_examples, keep_successes
 from exrl.train.collect.multiturn import EnvProblem, MultiTurnCollector
 from exrl.train.rl_loop import RLConfig
 from exrl.train.state import OptimConfig
@@ -31,6 +31,27 @@ def test_keep_successes_threshold_and_dedup_per_item():
                          _traj("maze", 2, ["x"], 0.99)], 0.99, seen)  # not above the threshold
   assert len(kept) == 4 and kept[0] == (a.tokens, a.agent_mask)
   assert keep_successes([_traj("maze", 0, ["go left"], 1.0)], 0.99, seen) == []  # seen in an earlier round
+
+
+def test_env_kwargs_reach_every_env_and_bad_specs_fail():
+  cfg = AgentEvolConfig(env_seed=3, env_kwargs=("maze:size=3", "textcraft:max_depth=1", "maze:wall_frac=0.1"))
+  maze, craft, wordle = (build_env(cfg, n) for n in ("maze", "textcraft", "wordle"))
+  assert (maze.size, maze.wall_frac, maze.seed, craft.max_depth, wordle.seed) == (3, 0.1, 3, 1, 3)
+  assert build_env(AgentEvolConfig(), "maze").size == 5  # no spec: the env's own default
+  for bad in ("maze size=3", "chess:size=3", "maze:=3", "maze:size=three", "maze:depth=2", "maze:size=1"):
+    with pytest.raises(ValueError, match="env_kwargs|maze size"):
+      AgentEvolConfig(env_kwargs=(bad,))
+
+
+def test_expert_data_uses_env_kwargs():
+  from exrl.envs import make_env
+  from exrl.envs.experts import run_expert
+  from exrl.rollout.multiturn import agent_text, trajectory_ids
+  cfg = AgentEvolConfig(envs=("maze",), env_seed=1, expert_per_env=2, env_kwargs=("maze:size=3",))
+  env = make_env("maze", seed=1, size=3)
+  want = [trajectory_ids(TOK, tr.instruction, [(agent_text(t, a), o) for t, a, o in tr.turns])
+          for tr in (run_expert(env, 0), run_expert(env, 1))]
+  assert expert_examples(TOK, cfg) == want  # size-5 mazes (kwargs ignored) would differ
 
 
 class SlotEnv:
