@@ -44,13 +44,12 @@ class EarlyExperienceConfig:
   iwm_schedule: str = "two_stage"
   iwm_epochs: float = 2.0
   sr_epochs: float = 2.0
-  sr_max_alternatives: int = 2  # alternatives named in one rationale (keeps the thought within a turn's budget)
   fill_random: bool = False  # top up to K with random legal actions where the policy proposed fewer (not the paper)
 
   def __post_init__(self):
     if self.iwm_schedule not in IWM_SCHEDULES:
       raise ValueError(f"EarlyExperienceConfig.iwm_schedule={self.iwm_schedule!r}; valid: {IWM_SCHEDULES}")
-    for name in ("branches", "proposals", "max_new_tokens", "state_batch", "sr_max_alternatives"):
+    for name in ("branches", "proposals", "max_new_tokens", "state_batch"):
       if getattr(self, name) < 1:
         raise ValueError(f"EarlyExperienceConfig.{name}={getattr(self, name)} must be >= 1")
     if self.proposals < self.branches:
@@ -177,7 +176,7 @@ def train_iwm(evol: AgentEvolConfig, ee: EarlyExperienceConfig, model_config, ba
 def train_sr(evol: AgentEvolConfig, ee: EarlyExperienceConfig, model_config, base_params, tokenizer,
              trajs: Sequence[EnvTrajectory], expert: Sequence, branches: Sequence[Branch], threshold: float):
   """The SR arm from the base model: one SFT on the expert data mixed with the reflection examples (the paper)."""
-  sr = sr_examples(tokenizer, trajs, branches, ee.sr_max_alternatives, threshold)
+  sr = sr_examples(tokenizer, trajs, branches, threshold)
   if not sr:
     raise ValueError("no SR examples: no expert state has an alternative that failed to solve the task")
   mixed = repeat_to(expert, evol.sft_epochs, evol.seed) + repeat_to(sr, ee.sr_epochs, evol.seed + 2)

@@ -3,11 +3,11 @@
 Every example starts with the expert state s_i tokenised exactly as a rollout builds it (`state_ids`), loss 0:
   IWM: s_i | alternative turn (as sampled) [eos] | "\nObservation: s'\n"     loss 1 on the observation only
   SR:  s_i | "Thought: <rationale>\nAction: <expert action>" [eos]          loss 1 on the whole turn + eos
+(one SR example per alternative: its rationale says why the expert's action beats that alternative)
 The SR rationale is a template over the observed outcomes (`reflection_thought`), documented as such.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import re
 from typing import Sequence
@@ -64,29 +64,24 @@ def first_sentence(observation: str) -> str:
   return m.group(0) if m else observation
 
 
-def reflection_thought(expert_thought: str, alternatives: Sequence[Branch]) -> str:
-  """The TEMPLATE rationale: each tried alternative with the first sentence of what the env answered, then
-  the expert's own reason, e.g. "If left: Blocked left. If down: Moved down. 3 steps left, go up."."""
-  tried = " ".join(f"If {b.action}: {first_sentence(b.observation)}" for b in alternatives)
-  return f"{tried} {expert_thought}"
+def reflection_thought(expert_thought: str, alternative: Branch) -> str:
+  """The TEMPLATE rationale: the tried alternative with the first sentence of what the env answered, then the
+  expert's own reason, e.g. "If left: Blocked left. 3 steps left, go up."."""
+  return f"If {alternative.action}: {first_sentence(alternative.observation)} {expert_thought}"
 
 
-def sr_examples(tokenizer, trajs: Sequence[EnvTrajectory], branches: Sequence[Branch], max_alternatives: int,
+def sr_examples(tokenizer, trajs: Sequence[EnvTrajectory], branches: Sequence[Branch],
                 threshold: float) -> list[tuple[list, list]]:
-  """One reflection example per expert state with an alternative that did not solve the task (reward <=
-  threshold; an alternative that also solves it is no reason to prefer the expert's action), naming the
-  first `max_alternatives` such alternatives; loss on the rationale, the expert action and eos."""
-  by_key = _by_key(trajs)
-  groups = collections.defaultdict(list)
+  """One reflection example per alternative that did not solve the task (reward <= threshold: an alternative
+  that also solves it is no reason to prefer the expert's action), as the paper pairs one rationale with each
+  alternative; loss on the rationale, the expert action and eos."""
+  by_key, out = _by_key(trajs), []
   for b in branches:
-    if b.reward <= threshold:
-      groups[(b.env, b.idx, b.turn)].append(b)
-  out = []
-  for (env, idx, turn), alts in groups.items():
-    traj = by_key[(env, idx)]
-    thought, action, _ = traj.turns[turn]
-    ids = state_ids(tokenizer, traj, turn)
-    turn_ids = tokenizer.encode(agent_text(reflection_thought(thought, alts[:max_alternatives]), action))
-    turn_ids.append(tokenizer.eos_id)
+    if b.reward > threshold:
+      continue
+    traj = by_key[(b.env, b.idx)]
+    thought, action, _ = traj.turns[b.turn]
+    ids = state_ids(tokenizer, traj, b.turn)
+    turn_ids = tokenizer.encode(agent_text(reflection_thought(thought, b), action)) + [tokenizer.eos_id]
     out.append((ids + turn_ids, [0] * len(ids) + [1] * len(turn_ids)))
   return out

@@ -37,15 +37,16 @@ def test_iwm_examples_tokens_and_mask():
 
 def test_sr_examples_tokens_mask_and_filtering():
   branches = [Branch("maze", 7, 0, "t", "left", "Blocked left. At 1,1; goal 0,2.", 0.0, False),
-              Branch("maze", 7, 0, "t", "down", "Moved down. At 2,1.", 0.0, False),
-              Branch("maze", 7, 0, "t", "right", "Moved right. At 1,2.", 0.0, False),  # past max_alternatives
-              Branch("maze", 7, 1, "t", "up", "You reach the goal.", 1.0, True)]  # solved too: no reason, no example
-  [(ids, mask)] = sr_examples(TOK, [TRAJ], branches, max_alternatives=2, threshold=0.99)
-  rationale = "If left: Blocked left. If down: Moved down. 2 left, go up."
-  assert reflection_thought("2 left, go up.", branches[:2]) == rationale
+              Branch("maze", 7, 1, "t", "up", "You reach the goal.", 1.0, True),  # solved too: no reason, no example
+              Branch("maze", 7, 1, "t", "down", "Moved down. At 1,1.", 0.0, False)]
+  (ids0, mask0), (ids1, mask1) = sr_examples(TOK, [TRAJ], branches, threshold=0.99)
+  rationale = "If left: Blocked left. 2 left, go up."
+  assert reflection_thought("2 left, go up.", branches[0]) == rationale
   turn = enc(f"Thought: {rationale}\nAction: up") + EOS
-  assert ids == BOS + enc("Maze go\n") + turn
-  assert mask == [0] * (1 + len("Maze go\n")) + [1] * len(turn)
+  assert ids0 == BOS + enc("Maze go\n") + turn
+  assert mask0 == [0] * (1 + len("Maze go\n")) + [1] * len(turn)
+  turn = enc("Thought: If down: Moved down. 1 left, go right.\nAction: right") + EOS
+  assert ids1 == state_ids(TOK, TRAJ, 1) + turn and mask1 == [0] * len(state_ids(TOK, TRAJ, 1)) + [1] * len(turn)
 
 
 def test_first_sentence_and_pick_alternatives():
