@@ -4,8 +4,9 @@
   python -m experiments.async_rl --steps 100 --lags 0 8
 
 The quickstart's recipe (tokenizer, SFT base, GRPO with the verifier reward) with one RL arm per k, all from the same
-base and seed. k = 0 is the synchronous loop; k > 0 runs `exrl.train.async_loop` in the free schedule, the rollout
-worker's params on the last `rollout_devices` host devices (the train step still spans all 8: the mesh is not split).
+base and seed. Every arm splits the mesh: the rollout worker on the last `rollout_devices` host devices
+(`--rl.mesh.rollout-devices`), the train step on the others. k = 0 runs the worker in lockstep (the synchronous
+loop's semantics, bitwise); k > 0 runs it in the free schedule with in-flight weight switches.
 
 On a CPU, the 8 "devices" are threads of one process sharing the machine's cores, so generation and training
 compete for the same cores: this measures staleness's effect on accuracy and the scheduler's bookkeeping, not the
@@ -73,9 +74,10 @@ def main(cfg: Config) -> dict:
   timings = {}
   for k in cfg.lags:
     name = f"k{k}"
-    rl = dataclasses.replace(quickstart.rl_config(qs, name, "verifier"), steps=cfg.steps, max_lag=k,
-                             rollout_devices=cfg.rollout_devices if k else 0)
-    print(f"[async_rl] arm {name}: max_lag={k} rollout_devices={rl.rollout_devices}", flush=True)
+    rl = quickstart.rl_config(qs, name, "verifier")
+    rl = dataclasses.replace(rl, steps=cfg.steps, max_lag=k,
+                             mesh=dataclasses.replace(rl.mesh, rollout_devices=cfg.rollout_devices))
+    print(f"[async_rl] arm {name}: max_lag={k} rollout_devices={rl.mesh.rollout_devices}", flush=True)
     _, results[name] = train_rl(rl, model_config, base, tokenizer, TaskSource(task, seed=qs.seed),
                                 eval_problems=eval_problems, verify=task.verify)
     timings[name] = _timing_means(run_dir / name)

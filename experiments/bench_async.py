@@ -6,7 +6,7 @@
 Generation and training are `time.sleep` calls of the given lengths, jittered uniformly by +-jitter: they measure
 the scheduler itself (thread hand-offs, version gates, queueing), not model speed. Sleeping releases the CPU, so the
 two sides overlap even on a 2-core machine; real generation and training overlap only when they run on separate
-devices (RLConfig.rollout_devices), which a 2-core CPU cannot show.
+devices (MeshConfig.rollout_devices), which a 2-core CPU cannot show.
 
 For each k: seconds per step (after one warm-up step) against the synchronous sum generate + train and the overlap
 bound max(generate, train), both from the stand-ins' measured durations (a loaded machine oversleeps), the ratio

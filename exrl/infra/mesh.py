@@ -17,14 +17,35 @@ DEFAULT_RULES = (("vocab", "tensor"), ("embed", "fsdp"), ("heads", "tensor"), ("
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh shape; -1 on `data` takes all remaining devices."""
+  """Mesh shape; -1 on `data` takes all remaining devices. rollout_devices > 0 splits the devices: the last that many
+  run the RL rollout worker (`rollout_mesh`), the mesh spans the others."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  rollout_devices: int = 0
+
+
+def _split(cfg: MeshConfig, devices) -> tuple[list, list]:
+  """(train devices, rollout devices) of a device list."""
+  devices, r = list(devices), cfg.rollout_devices
+  if r and not 0 < r < len(devices):
+    raise ValueError(f"MeshConfig.rollout_devices={r} must be in [1, {len(devices) - 1}] with {len(devices)} devices "
+                     f"(0: no split; the rollout worker shares the mesh)")
+  if r < 0:
+    raise ValueError(f"MeshConfig.rollout_devices={r} must be >= 0")
+  return (devices[:-r], devices[-r:]) if r else (devices, [])
+
+
+def rollout_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  """The rollout worker's mesh: the last cfg.rollout_devices devices, all on `data` (params replicated)."""
+  if not cfg.rollout_devices:
+    raise ValueError("MeshConfig.rollout_devices=0: there is no rollout mesh (the worker shares the train mesh)")
+  return make_mesh(MeshConfig(), _split(cfg, devices if devices is not None else jax.devices())[1])
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
-  devices = list(devices if devices is not None else jax.devices())
+  """The (train) mesh over `devices` (default: all), less the last cfg.rollout_devices."""
+  devices = _split(cfg, devices if devices is not None else jax.devices())[0]
   n = len(devices)
   data = cfg.data if cfg.data != -1 else n // (cfg.fsdp * cfg.tensor)
   shape = (data, cfg.fsdp, cfg.tensor)

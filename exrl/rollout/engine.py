@@ -8,7 +8,7 @@ import numpy as np
 
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
-from exrl.rollout import continuous, sampler
+from exrl.rollout import continuous, sampler, versioned
 from exrl.rollout.sampler import SampleOutput, SamplingConfig
 
 
@@ -35,7 +35,27 @@ def generate(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_
   res, _ = continuous.run(config, params, requests, sampling, slots=min(sampling.slots, U * num_samples),
                           prompt_len=P)
   rows = [r for per_request in res for r in per_request]
-  field = lambda name: np.stack([getattr(r, name) for r in rows])
+  return _output(tokens_UxP, valid_UxP, num_samples, lambda name: np.stack([getattr(r, name) for r in rows]))
+
+
+def generate_versioned(config: ModelConfig, params_fn, prompt_tokens_UxP, prompt_valid_UxP, key: jax.Array,
+                       sampling: SamplingConfig, num_samples: int = 1) -> tuple[SampleOutput, np.ndarray]:
+  """As `generate` with engine="continuous", but with in-flight weight switches (`exrl.rollout.versioned`):
+  params_fn(decode_step) -> (version, params) before every decode step. Returns (output, version_BxN: the policy
+  version that sampled each token, -1 where none). Tokens equal engine="continuous"'s while the params stay the same.
+  """
+  if jax.process_count() > 1:
+    raise ValueError("in-flight weight switches run in one process (the continuous engine's decode step)")
+  sampler.check_inputs(config, prompt_tokens_UxP, prompt_valid_UxP, sampling)
+  tokens_UxP, valid_UxP = np.asarray(prompt_tokens_UxP, np.int32), np.asarray(prompt_valid_UxP, bool)
+  out = versioned.generate(config, params_fn, [t[v].tolist() for t, v in zip(tokens_UxP, valid_UxP)], sampling,
+                           num_samples=num_samples, prompt_len=tokens_UxP.shape[1], key=key)
+  return _output(tokens_UxP, valid_UxP, num_samples, out.__getitem__), out["version"]
+
+
+def _output(tokens_UxP: np.ndarray, valid_UxP: np.ndarray, num_samples: int, field) -> SampleOutput:
+  """A `SampleOutput` from host rows [U * num_samples, N]: field(name) for tokens, mask, gen, logp, self_certainty
+  and entropy."""
   gen_BxN = field("gen")
   prompt_tokens_BxP, prompt_valid_BxP = np.repeat(tokens_UxP, num_samples, 0), np.repeat(valid_UxP, num_samples, 0)
   seq_valid_BxS = jnp.asarray(np.concatenate([prompt_valid_BxP, gen_BxN], 1))

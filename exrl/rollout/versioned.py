@@ -18,8 +18,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from exrl.models.config import ModelConfig
-from exrl.rollout import continuous
+from exrl.rollout import continuous, sampler
 from exrl.rollout.sampler import SamplingConfig
+
+
+class Feed:
+  """A `params_fn` for `generate` fed by a rollout worker: decode step 0 uses `first` = (version, params), every later
+  step the newest published version (`latest() -> (version, params)`), so new weights take effect between steps."""
+
+  def __init__(self, first: tuple[int, dict], latest: Callable[[], tuple[int, dict]]):
+    self.first, self.latest = first, latest
+    self.switches, self._last = 0, first[0]  # switches: version changes seen during the generation
+
+  def __call__(self, decode_step: int) -> tuple[int, dict]:
+    got = self.first if decode_step == 0 else self.latest()
+    if decode_step and got[0] != self._last:
+      self.switches += 1
+    self._last = got[0]
+    return got
 
 
 def generate(config: ModelConfig, params_fn: Callable[[int], tuple[int, dict]], prompts: Sequence[Sequence[int]],
@@ -27,25 +43,23 @@ def generate(config: ModelConfig, params_fn: Callable[[int], tuple[int, dict]], 
   """Sample num_samples completions per prompt; params_fn(decode_step) -> (version, params) is called before
   every decode step (step 0 also prefills). Request u's key is fold_in(key, u), as in `continuous.run`.
 
-  Returns numpy rows [U * num_samples, N]: tokens, mask, logp, version (-1 where no token), and rows' min_version.
+  Returns numpy rows [U * num_samples, N]: tokens, mask (loss tokens), gen (generated, injected included), logp,
+  self_certainty, entropy, version (-1 where no token), and the rows' min_version [U * num_samples].
   """
+  sampler.check_interrupt(sampling)
   S, P, N = len(prompts) * num_samples, prompt_len, sampling.max_new_tokens
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
+  end = (sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
+         if sampling.think_budget else N)  # the row budget continuous.run gives with length interruption
   version, params = params_fn(0)
   state = continuous.init_state(config, sampling, S, P)
   for u, prompt in enumerate(prompts):
     if not 0 < len(prompt) <= P:
       raise ValueError(f"prompt {u} has {len(prompt)} tokens; must be in [1, prompt_len={P}]")
-    tokens_1xP = np.full((1, P), pad, np.int32)
-    tokens_1xP[0, P - len(prompt):] = prompt
-    cache, h_D, length = continuous._prefill_jit(config, params, tokens_1xP, np.arange(P)[None] >= P - len(prompt))
-    slot_M = np.full((S,), S, np.int32)
-    slot_M[:num_samples] = np.arange(u * num_samples, (u + 1) * num_samples)
-    keys = jax.random.key_data(continuous.row_keys([jax.random.fold_in(key, u)], [num_samples]))
-    key_M = jnp.zeros((S, *keys.shape[1:]), keys.dtype).at[:num_samples].set(keys)
-    end_M = np.zeros((S,), np.int32)
-    end_M[:num_samples] = N
-    state = continuous._insert_jit(state, cache, h_D, length, slot_M, end_M, key_M)
+  keys = jax.random.key_data(continuous.row_keys([jax.random.fold_in(key, u) for u in range(len(prompts))],
+                                                 [num_samples] * len(prompts)))
+  state = continuous.start_rows(config, params, state, prompts, np.arange(S), np.arange(S) // num_samples,
+                                np.full((S,), min(end, N)), keys, pad)  # sample g of prompt u in slot u * G + g
   version_SxN = np.full((S, N), -1, np.int64)
   active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
   step = 0
@@ -57,9 +71,12 @@ def generate(config: ModelConfig, params_fn: Callable[[int], tuple[int, dict]], 
     state = continuous._decode_jit(config, sampling, params, state, S + 1, 1)
     active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
     step += 1
-  host = jax.device_get({k: state[k] for k in ("tokens_SxN", "mask_SxN", "logp_SxN")})
+  host = jax.device_get({k: state[k] for k in ("tokens_SxN", "mask_SxN", "gen_SxN", "logp_SxN", "sc_SxN",
+                                               "entropy_SxN")})
   keep_SxN = np.arange(N)[None] < t_S[:, None]
   version_SxN = np.where(keep_SxN, version_SxN, -1)
   min_version_S = np.where(keep_SxN, version_SxN, np.iinfo(np.int64).max).min(1)
+  zero = lambda name: np.where(keep_SxN, host[name], 0.0)
   return {"tokens": np.where(keep_SxN, host["tokens_SxN"], pad), "mask": host["mask_SxN"] & keep_SxN,
-          "logp": np.where(keep_SxN, host["logp_SxN"], 0.0), "version": version_SxN, "min_version": min_version_S}
+          "gen": host["gen_SxN"] & keep_SxN, "logp": zero("logp_SxN"), "self_certainty": zero("sc_SxN"),
+          "entropy": zero("entropy_SxN"), "version": version_SxN, "min_version": min_version_S}

@@ -15,7 +15,9 @@ that was never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import time
 from typing import Callable, Literal, Sequence
@@ -34,7 +36,7 @@ from exrl.infra import mesh as mesh_lib
 from exrl.infra.resources import peak_rss_mb
 from exrl.infra.trackers import TrackerName, check_names as check_trackers
 from exrl.train.adapter import Adapter
-from exrl.train.async_loop import train_async
+from exrl.train.async_loop import train_async, uses_worker
 from exrl.train.collect.groups import GroupCollector
 from exrl.train.evaluate import EvalConfig, evaluate
 from exrl.train.experience import Collector, device_batch
@@ -88,7 +90,9 @@ class RLConfig:
   max_lag: int = 0
   stale: Literal["drop", "rescore"] = "drop"
   async_schedule: Literal["free", "deterministic"] = "free"  # deterministic: batch s sampled by version s - max_lag
-  rollout_devices: int = 0  # > 0: the rollout worker's params live on the last that many devices
+  # free schedule, max_lag > 0: new weights reach the generation in progress between decode steps (exrl.rollout.
+  # versioned, the continuous engine's decode step whatever sampling.engine); False: between batches
+  inflight: bool = True
   trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
 
   def __post_init__(self):
@@ -112,8 +116,9 @@ class RLConfig:
       if getattr(self, name) < 1:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
     check_trackers(self.trackers, "RLConfig.trackers")
-    if self.max_lag < 0 or self.rollout_devices < 0:
-      raise ValueError(f"RLConfig.max_lag={self.max_lag} and rollout_devices={self.rollout_devices} must be >= 0")
+    if self.max_lag < 0 or self.mesh.rollout_devices < 0:
+      raise ValueError(f"RLConfig.max_lag={self.max_lag} and mesh.rollout_devices={self.mesh.rollout_devices} "
+                       f"must be >= 0")
     if self.stale not in ("drop", "rescore") or self.async_schedule not in ("free", "deterministic"):
       raise ValueError(f"RLConfig.stale={self.stale!r} (valid: drop, rescore) / async_schedule="
                        f"{self.async_schedule!r} (valid: free, deterministic)")
@@ -182,11 +187,14 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         adapter.check_resume(run.meta)
         source.load_state_dict(run.meta["source"])
       _log(f"[rl] step {run.start + 1} compiles the sampler and the train step (once per shape; cached on disk)")
-      if cfg.max_lag:  # PipelineRL-k (exrl.train.async_loop); max_lag = 0 runs the loop below, unchanged
+      end_step = functools.partial(
+          _end_step, cfg, run, run_eval=run_eval, on_eval=on_eval, eval_problems=eval_problems,
+          save_meta=lambda: {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
+      worker = uses_worker(cfg)  # PipelineRL-k or a rollout mesh (exrl.train.async_loop); else the loop below
+      if worker:
         train_async(cfg, run, collector, adapter, ref_params, source, prompts, model_config=model_config,
-                    run_eval=run_eval, on_eval=on_eval, eval_problems=eval_problems, check_skips=_check_skips,
-                    save_meta=lambda: {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
-      for step in range(run.start, cfg.steps) if not cfg.max_lag else ():
+                    check_skips=_check_skips, end_step=end_step)
+      for step in range(run.start, cfg.steps) if not worker else ():
         t0 = time.time()
         problems = source.batch(step, prompts)  # this process's own problems
         run.state, key = next_key(run.state)
@@ -200,15 +208,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
         _check_skips(cfg, metrics, run, step)
         t_update = time.time()  # device_get above waited for the update
         timing = {**exp.timing, "update_s": t_update - t_collect, "step_s": t_update - t0, **shape}
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
-          ev = run_eval(run.state.params)
-          metrics.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
-          if on_eval:
-            on_eval(step + 1, ev)
-        run.writer.write(step + 1, metrics, timing)
-        run.bar.update(step + 1, metrics)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-          run.save(step + 1, {"source": source.state_dict(), "config": config_json(cfg), **adapter.meta})
+        end_step(step, metrics, timing)
       if eval_problems:
         final_eval = run_eval(run.state.params)
         (run.run_dir / "eval.json").write_text(json.dumps(final_eval, indent=2))
@@ -237,6 +237,22 @@ def _prompts_per_process(cfg: RLConfig, mesh, source) -> int:
   _log(f"[rl] process {jax.process_index()}/{procs} builds {n * cfg.group_size} of "
        f"{cfg.prompts_per_step * cfg.group_size} rollouts per step")
   return n
+
+
+def _end_step(cfg: RLConfig, run, step: int, metrics: dict, timing: dict, *, run_eval, on_eval, eval_problems,
+              save_meta, eval_lock=contextlib.nullcontext()) -> None:
+  """Every step's tail, with or without a rollout worker: evaluate (every eval_every steps, holding eval_lock), log,
+  checkpoint (every checkpoint_every steps and at the end; save_meta() -> the source's state and the config)."""
+  if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps and eval_problems:
+    with eval_lock:
+      ev = run_eval(run.state.params)
+    metrics.update({f"eval/{k}": v for k, v in ev.items() if isinstance(v, float)})
+    if on_eval:
+      on_eval(step + 1, ev)
+  run.writer.write(step + 1, metrics, timing)
+  run.bar.update(step + 1, metrics)
+  if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+    run.save(step + 1, save_meta())
 
 
 def _check_skips(cfg: RLConfig, metrics: dict, run, step: int) -> None:

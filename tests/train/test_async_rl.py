@@ -1,5 +1,6 @@
 """The bounded-staleness scheduler (exrl.train.async_rl) with stand-in generation and training, and the versioned
-generator's tags across a hand-built in-flight weight switch (exrl.rollout.versioned)."""
+generator's tags across a hand-built in-flight weight switch (exrl.rollout.versioned), alone and inside the real
+rollout worker (exrl.train.async_loop)."""
 import random
 import threading
 import time
@@ -8,12 +9,19 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import common
+from exrl.curriculum.source import TaskSource
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
+from exrl.rl.losses import LossConfig
 from exrl.rollout import continuous, versioned
 from exrl.rollout.sampler import SamplingConfig
-from exrl.train import async_rl
+from exrl.tasks import get_task, pool as pool_lib
+from exrl.train import async_loop, async_rl, experience
 from exrl.train.async_loop import handle_stale
+from exrl.train.collect.groups import GroupCollector
+from exrl.train.rl_loop import RLConfig
+from tests.train import mini_rl
 
 GROUPS = 4
 
@@ -150,3 +158,45 @@ def test_stale_groups_are_dropped_or_rescored():
   np.testing.assert_array_equal(rescored["old_logp"][:, 0], [-1, -1, -2, -2])
   np.testing.assert_array_equal(rescored["loss_mask"], rows["loss_mask"])
   assert handle_stale(rows, np.array([False, False]), "rescore", None) is rows
+
+
+def test_inflight_switch_inside_the_worker(tmp_path, monkeypatch):
+  """The real worker (make_generate + GroupCollector + Scheduler): version 1 is published from inside the
+  generation, at decode step SWITCH. Tokens drawn before it carry version 0 and p0's log-probs (an independent
+  full forward: experience.score); the rest carry version 1; each group's lag is its oldest token's."""
+  task = get_task("arithmetic", digits=1, ops="+")
+  tokenizer = common.build_tokenizer([task], tmp_path, seed=0)
+  config, p0 = common.init_model(mini_rl.TINY, tokenizer, 0)
+  _, p1 = common.init_model(mini_rl.TINY, tokenizer, 1)
+  cfg = RLConfig(prompts_per_step=2, group_size=2, max_lag=2, kl_monitor=False, loss=LossConfig(kl_beta=0.0),
+                 sampling=SamplingConfig(max_new_tokens=8, stop_token_ids=(config.vocab_size + 1,)))
+  collector = GroupCollector(cfg, config, tokenizer, verify=task.verify, pool=pool_lib.default_pool())
+  sched = None
+  real_call = versioned.Feed.__call__
+
+  def switching(feed, decode_step):
+    if decode_step == SWITCH:
+      sched.publish(1, p1)  # as the trainer would after an update, mid-generation
+    return real_call(feed, decode_step)
+
+  monkeypatch.setattr(versioned.Feed, "__call__", switching)
+  source = TaskSource(task, seed=0)
+  generate = async_loop.make_generate(cfg, collector, source, 2, None, jax.random.key_data(jax.random.key(0)),
+                                      (threading.Lock(), threading.Lock()))
+  sched = async_rl.Scheduler(generate, max_lag=2, start=0, steps=1, params=p0, schedule="free")
+  try:
+    rollout, _ = sched.next(0)
+  finally:
+    sched.close()
+  _, exp = rollout.payload
+  tags, rows = exp.traces["version"], exp.rows
+  n = tags.shape[1]
+  gen = tags >= 0
+  assert gen.sum(1).min() > SWITCH  # every row was still generating at the switch (no stop token exists)
+  np.testing.assert_array_equal(tags[gen], np.where(np.nonzero(gen)[1] < SWITCH, 0, 1))
+  np.testing.assert_array_equal(rollout.min_version_G, [0, 0])
+  want = experience.score(config, p0, None, rows["tokens"], rows["valid"], rows["positions"], rows["loss_mask"],
+                          with_ref=False)["logp"]
+  resp = slice(rows["tokens"].shape[1] - n, None)
+  np.testing.assert_allclose(rows["old_logp"][:, resp][:, :SWITCH], np.asarray(want)[:, resp][:, :SWITCH], atol=2e-4)
+  assert np.abs(rows["old_logp"][:, resp][:, SWITCH:] - np.asarray(want)[:, resp][:, SWITCH:]).max() > 1e-2

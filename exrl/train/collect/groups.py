@@ -16,7 +16,8 @@ import numpy as np
 
 from exrl.infra import distributed
 from exrl.rl import rewards as rewards_lib
-from exrl.rollout.engine import generate
+from exrl.rollout import versioned
+from exrl.rollout.engine import generate, generate_versioned
 from exrl.rollout.sampler import bucket_length, pad_prompts
 from exrl.tasks import pool as pool_lib
 from exrl.tasks.math_data import extract_answer
@@ -37,6 +38,7 @@ class GroupCollector(core.CollectorBase):
   """
 
   provides = rewards_lib.INPUTS
+  takes_feed = True  # collect() accepts a versioned.Feed as params: in-flight weight switches (async_loop)
 
   def collect(self, params, ref_params, problems: Sequence, key: jax.Array) -> Experience:
     cfg, G = self.cfg, self.cfg.group_size
@@ -53,7 +55,15 @@ class GroupCollector(core.CollectorBase):
       pad = ((0, 0), (distributed.agree_max(tokens_UxP.shape[1]) - tokens_UxP.shape[1], 0))
       tokens_UxP, valid_UxP = np.pad(tokens_UxP, pad, constant_values=self.tokenizer.pad_id), np.pad(valid_UxP, pad)
       prompts = (distributed.global_rows(tokens_UxP, mesh), distributed.global_rows(valid_UxP, mesh))
-    out = generate(self.model_config, params, *prompts, key, self.sampling, num_samples=G)  # static | continuous
+    version_BxN = None
+    if isinstance(params, versioned.Feed):  # a rollout worker's in-flight weights (exrl.train.async_loop)
+      if cfg.inner_epochs > 1:
+        raise ValueError(f"in-flight weight switches need inner_epochs=1 (got {cfg.inner_epochs}): the sampler's "
+                         f"per-token log-probs are the behaviour policy's")
+      out, version_BxN = generate_versioned(self.model_config, params, *prompts, key, self.sampling, num_samples=G)
+      params = params.first[1]  # unused past sampling with one inner epoch; a tree, not the feed, for `score`
+    else:
+      out = generate(self.model_config, params, *prompts, key, self.sampling, num_samples=G)  # static | continuous
     lengths = np.asarray(to_host(out.lengths_B))  # waits for the sampler: sample_s is real
     t_sample = time.perf_counter()
     # Trim to the longest completion, bucketed, so the update never pays for unused max_new_tokens.
@@ -102,6 +112,8 @@ class GroupCollector(core.CollectorBase):
             "trace_id": np.arange(B, dtype=np.int32), "group_id": (np.arange(B) // G).astype(np.int32)}
     traces = {"problem": np.arange(B) // G, "text": texts, "reward": total_B, "length": lengths,
               "correct": np.asarray(correct), "self_certainty": np.asarray(sc_B)}
+    if version_BxN is not None:
+      traces["version"] = version_BxN[:, :n]  # each completion token's policy version (-1: none)
     timing = {"sample_s": t_sample - t0, "score_s": t_score - t_sample, "reward_s": t_reward - t_score,
               "tokens_per_s": float(np.sum(lengths)) / max(t_sample - t0, 1e-9), "width": P + n}
     return Experience(rows=rows, traces=traces, metrics=metrics, timing=timing)
