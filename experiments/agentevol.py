@@ -41,25 +41,27 @@ from exrl.train.rl_loop import RLConfig
 from exrl.train.sft import SFTConfig
 from exrl.train.state import OptimConfig
 
-SMALL = common.TinyModel(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
-                         intermediate_size=192)
+SMALL = common.TinyModel(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
+                         intermediate_size=384)
+# instance difficulty of the default run: 4x4 mazes, Wordle over its first 30 words, one-level recipes
+EASY = ("maze:size=4", "wordle:num_words=30", "textcraft:max_depth=1")
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Defaults: BC for 30 epochs of the expert data, then each iteration continues from the last model for
-  4 epochs of the merged data (`--evol.retrain base` restarts from the base model, as the paper does, but
-  then each iteration needs BC's full length)."""
+  """Defaults: BC for 6 epochs of 200 expert trajectories per env, then each iteration continues from the
+  last model for half an epoch of the merged data (`--evol.retrain base` restarts from the base model, as
+  the paper does, but then each iteration needs BC's full length)."""
   run_dir: str = "runs/agentevol"
   seed: int = 0
   model: common.TinyModel = SMALL
   vocab_size: int = 384
   ks: tuple[int, ...] = (1, 2)
   evol: AgentEvolConfig = AgentEvolConfig(
-      expert_per_env=32, explore_per_env=32, eval_per_env=32, iterations=4, sft_epochs=30.0,
-      iteration_sft_epochs=4.0, retrain="continue",
+      expert_per_env=200, explore_per_env=32, eval_per_env=32, iterations=4, sft_epochs=6.0,
+      iteration_sft_epochs=0.5, retrain="continue",
       sft=SFTConfig(batch_size=16, max_len=512, optim=OptimConfig(lr=3e-3, warmup_frac=0.05, min_lr_ratio=0.1)),
-      rollout=MultiTurnConfig(max_new_tokens=24, max_len=512), rollout_batch=64)
+      rollout=MultiTurnConfig(max_new_tokens=24, max_len=512), rollout_batch=96, env_kwargs=EASY)
   grpo_steps: int = 0  # > 0 adds the multi-turn GRPO arm (from the BC model) for comparison
   grpo: RLConfig = RLConfig(prompts_per_step=8, group_size=4,
                             loss=LossConfig(kl_beta=0.0), optim=OptimConfig(lr=1e-4, warmup_frac=0.0),

@@ -1,4 +1,4 @@
-"""Wordle over a built-in list of 100 five-letter words (round limit 8).
+"""Wordle over a built-in list of 100 five-letter words (round limit 8; `num_words` plays on its first n).
 
 Instance idx of seed s hides `WORDS[random.Random(f"wordle|s|idx").randrange(100)]`. Feedback per letter:
 G right place, Y in the word elsewhere, - absent (standard duplicate-letter rules). A guess outside the list
@@ -40,17 +40,23 @@ class WordleEnv(TextEnv):
   name = "wordle"
   max_turns = 8
 
+  def __init__(self, seed: int = 0, num_words: int = len(WORDS)):
+    super().__init__(seed)
+    if not 1 <= num_words <= len(WORDS):
+      raise ValueError(f"wordle num_words={num_words}; must be in [1, {len(WORDS)}]")
+    self.words = WORDS[:num_words]  # an easier game: targets and legal guesses are the first num_words words
+
   def _reset(self, idx: int) -> str:
-    self.target = WORDS[random.Random(f"wordle|{self.seed}|{idx}").randrange(len(WORDS))]
+    self.target = self.words[random.Random(f"wordle|{self.seed}|{idx}").randrange(len(self.words))]
     self.history: list[tuple[str, str]] = []
     return "Wordle task: guess the secret five-letter word. Feedback: G right place, Y wrong place, - absent."
 
   def available_actions(self) -> list[str]:
-    return list(WORDS)
+    return list(self.words)
 
   def _step(self, action: str) -> StepResult:
     guess = action.lower()
-    if guess not in WORDS:
+    if guess not in self.words:
       return StepResult("Not in the word list. Guess a five-letter word.", 0.0, False)
     marks = feedback(guess, self.target)
     self.history.append((guess, marks))
@@ -60,5 +66,5 @@ class WordleEnv(TextEnv):
 
   def expert_action(self) -> tuple[str, str]:
     """The first word in list order consistent with every feedback so far."""
-    fits = [w for w in WORDS if all(feedback(g, w) == m for g, m in self.history)]
+    fits = [w for w in self.words if all(feedback(g, w) == m for g, m in self.history)]
     return f"{len(fits)} words fit, try {fits[0]}.", fits[0]

@@ -43,6 +43,17 @@ def test_env_kwargs_reach_every_env_and_bad_specs_fail():
       AgentEvolConfig(env_kwargs=(bad,))
 
 
+def test_wordle_num_words_restricts_targets_and_guesses():
+  from exrl.envs.experts import run_expert
+  from exrl.envs.wordle import WORDS
+  env = build_env(AgentEvolConfig(env_kwargs=("wordle:num_words=20",)), "wordle")
+  trajs = [run_expert(env, i) for i in range(60)]
+  assert all(t.reward == 1.0 and t.turns[-1][1] in WORDS[:20] for t in trajs)  # the expert solves each
+  assert len({t.turns[-1][1] for t in trajs}) > 10
+  env.reset(0)
+  assert env.step(WORDS[20]).observation.startswith("Not in the word list")  # legal in the full game only
+
+
 def test_expert_data_uses_env_kwargs():
   from exrl.envs import make_env
   from exrl.envs.experts import run_expert
