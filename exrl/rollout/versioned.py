@@ -51,21 +51,30 @@ def generate(config: ModelConfig, params_fn: Callable[[int], tuple[int, dict]], 
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
   end = (sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
          if sampling.think_budget else N)  # the row budget continuous.run gives with length interruption
-  version, params = params_fn(0)
-  state = continuous.init_state(config, sampling, S, P)
+  unstacked = {}  # version -> its per-layer params, unstacked once (the engine's decode wants them so)
+
+  def params_at(decode_step):
+    v, p = params_fn(decode_step)
+    if v not in unstacked:
+      unstacked.clear()
+      unstacked[v] = continuous._unstack_jit(p)
+    return v, unstacked[v]
+
   for u, prompt in enumerate(prompts):
     if not 0 < len(prompt) <= P:
       raise ValueError(f"prompt {u} has {len(prompt)} tokens; must be in [1, prompt_len={P}]")
-  keys = jax.random.key_data(continuous.row_keys([jax.random.fold_in(key, u) for u in range(len(prompts))],
-                                                 [num_samples] * len(prompts)))
-  state = continuous.start_rows(config, params, state, prompts, np.arange(S), np.arange(S) // num_samples,
-                                np.full((S,), min(end, N)), keys, pad)  # sample g of prompt u in slot u * G + g
+  version, params = params_at(0)
+  keys_SxK = np.asarray(jax.random.key_data(continuous.row_keys(
+      [jax.random.fold_in(key, u) for u in range(len(prompts))], [num_samples] * len(prompts))))
+  state = continuous.start_rows(config, params, continuous.init_state(config, sampling, S, P), prompts,
+                                np.arange(S), np.repeat(np.arange(len(prompts)), num_samples), [min(end, N)] * S,
+                                keys_SxK, pad)
   version_SxN = np.full((S, N), -1, np.int64)
   active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
   step = 0
   while active_S.any():
     if step:
-      version, params = params_fn(step)
+      version, params = params_at(step)
     live = np.flatnonzero(active_S)
     version_SxN[live, t_S[live]] = version  # the token each live slot draws in this step
     state = continuous._decode_jit(config, sampling, params, state, S + 1, 1)
