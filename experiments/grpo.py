@@ -8,9 +8,10 @@ mix`: math-verify on the final answer, Intuitor's self-certainty (no labels used
 group and summed with `--rl.mix-weights`. The `intuitor` preset sets the published Intuitor
 hyper-parameters (arXiv 2505.19590: lr 3e-6, group 7, KL β 0.005, 128 prompts, temperature 0.9, prompt 512 /
 completion 3072 tokens). The `scalerl` preset turns on the ScaleRL recipe's switches (arXiv 2510.13786): CISPO,
-prompt-level loss aggregation, batch-level advantage normalisation, zero-variance filtering, the FP32 LM head
-and no positive resampling (`--no-positive-resampling`: a prompt whose pass rate so far is >= 0.9 is never
-served again; that history is saved in every checkpoint); the other values are the defaults.
+prompt-level loss aggregation, batch-level advantage normalisation, zero-variance filtering, the FP32 LM head,
+PipelineRL-8 (`--rl.max-lag 8`: asynchronous, at most 8 versions off-policy) and no positive resampling
+(`--no-positive-resampling`: a prompt whose pass rate so far is >= 0.9 is never served again; that history is saved
+in every checkpoint); the other values are the defaults.
 Checkpoints, metrics.jsonl, TensorBoard events and eval.json go to `--rl.run-dir`; the final policy is
 exported as an HF directory (`<run-dir>/hf`) that transformers or vLLM can load. Re-running the same
 command resumes from the last checkpoint. `--help` lists every option.
@@ -90,7 +91,8 @@ PRESETS = {
     "scalerl": ("ScaleRL's recipe switches (arXiv 2510.13786); other values as in default", Args(
         positive_resampling=False, pass_rate_threshold=0.9,
         rl=RLConfig(run_dir="runs/scalerl", loss=LossConfig(kind="cispo", aggregation="prompt"),
-                    advantage=AdvantageConfig(mode="batch", filter_zero_variance=True), fp32_head=True))),
+                    advantage=AdvantageConfig(mode="batch", filter_zero_variance=True), fp32_head=True,
+                    max_lag=8))),
 }
 
 

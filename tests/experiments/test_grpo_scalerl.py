@@ -33,6 +33,7 @@ def test_scalerl_preset_sets_every_switch():
   assert rl.advantage.mode == "batch"
   assert rl.advantage.filter_zero_variance
   assert rl.fp32_head
+  assert rl.max_lag == 8  # PipelineRL-8
   assert not args.positive_resampling and args.pass_rate_threshold == 0.9
   src = grpo.make_source(args, [_problem(i) for i in range(3)])
   assert isinstance(src, PassRateSource) and src.threshold == 0.9 and isinstance(src.inner, DatasetSource)
@@ -83,7 +84,8 @@ def test_scalerl_run_takes_the_switches_and_checkpoints_the_pass_rates(tmp_path,
   cfg = dataclasses.replace(preset.rl, run_dir=run_dir, steps=3, prompts_per_step=4, group_size=4,
                             mesh=MeshConfig(data=-1, fsdp=1, tensor=2), sampling=SamplingConfig(max_new_tokens=4),
                             optim=OptimConfig(lr=1e-3, warmup_frac=0.0), checkpoint_every=1, keep_checkpoints=1,
-                            eval=EvalConfig(batch_size=8, sampling=SamplingConfig(max_new_tokens=4)))
+                            eval=EvalConfig(batch_size=8, sampling=SamplingConfig(max_new_tokens=4)),
+                            max_lag=0)  # synchronous: a worker k steps ahead draws before the pass-rate feedback
 
   def source():
     return grpo.make_source(dataclasses.replace(preset, rl=cfg), pool)
