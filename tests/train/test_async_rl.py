@@ -160,6 +160,7 @@ def test_stale_groups_are_dropped_or_rescored():
   assert handle_stale(rows, np.array([False, False]), "rescore", None) is rows
 
 
+@pytest.mark.slow
 def test_inflight_switch_inside_the_worker(tmp_path, monkeypatch):
   """The real worker (make_generate + GroupCollector + Scheduler): version 1 is published from inside the
   generation, at decode step SWITCH. Tokens drawn before it carry version 0 and p0's log-probs (an independent
