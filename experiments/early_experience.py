@@ -10,8 +10,8 @@ them, then imitation (the paper's two stages); SR mixes template rationales (why
 alternatives, from their observed outcomes) + the expert action with the expert data. Every arm then runs
 `--rl-iterations` AgentEvol rounds (K = 1, continuing from the arm's model). Greedy success on held-out instances
 with 95% Wilson CIs: in domain (the training distribution; for wordle, words that training instances use) and
-out of domain (mazes `--ood-maze-grow` cells wider, recipes `--ood-depth-grow` levels deeper, wordle words no
-training instance uses). Writes runs/early_experience/{results.json,table.md,success.png}; the last stdout line
+out of domain (mazes `--ood-maze-grow` cells wider, recipes `--ood-depth-grow` levels deeper, wordle over all
+100 words, on targets no training instance uses). Writes runs/early_experience/{results.json,table.md,success.png}; the last stdout line
 is the JSON result. Measured figures and their reading: docs/results/early_experience.md.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import tyro
 from experiments import common
 from experiments.agentevol import Config as AgentEvolExperiment, agent_tokenizer
 from exrl import cli
-from exrl.envs import MazeEnv, TextCraftEnv
+from exrl.envs import MazeEnv, TextCraftEnv, WordleEnv
 from exrl.infra import runlock
 from exrl.methods.agentevol import (EVAL_OFFSET, AgentEvolConfig, _sft, agentevol, build_env, run_rollouts,
                                     success_table)
@@ -54,6 +54,7 @@ class Config:
   evol: AgentEvolConfig = _BASE.evol
   ee: EarlyExperienceConfig = EarlyExperienceConfig()
   arms: tuple[str, ...] = ARMS
+  branch_per_env: int = 32  # expert trajectories per env whose states are branched (0: all); BC uses them all
   rl_iterations: int = 1
   turn_tokens: int = 48
   ood_maze_grow: int = 2
@@ -84,14 +85,15 @@ def wordle_target(env, idx: int) -> str:
   return env.target
 
 
-def eval_items(evol: AgentEvolConfig, seen_words: set, ood: bool) -> list[tuple[str, int]]:
-  """Held-out instances per env; wordle's are split by whether a training instance uses the word."""
+def eval_items(evol: AgentEvolConfig, factory, seen_words: set, ood: bool) -> list[tuple[str, int]]:
+  """Held-out instances per env; wordle's are kept by whether a training instance uses the word (in domain)
+  or none does (out of domain)."""
   items = []
   for name in evol.envs:
     if name != "wordle":
       items += [(name, EVAL_OFFSET + i) for i in range(evol.eval_per_env)]
       continue
-    env, idx, picked = build_env(evol, name), EVAL_OFFSET, []
+    env, idx, picked = factory(name), EVAL_OFFSET, []
     while len(picked) < evol.eval_per_env:
       if (wordle_target(env, idx) in seen_words) != ood:
         picked.append(idx)
@@ -101,12 +103,14 @@ def eval_items(evol: AgentEvolConfig, seen_words: set, ood: bool) -> list[tuple[
 
 
 def ood_env(evol: AgentEvolConfig, cfg: Config, name: str):
-  """Out of domain: a wider maze, deeper recipes; wordle's split is by instance (`eval_items`)."""
+  """Out of domain: a wider maze, deeper recipes, wordle over all its words (`eval_items` keeps unseen ones)."""
   env = build_env(evol, name)
   if name == "maze":
     return MazeEnv(seed=env.seed, size=env.size + cfg.ood_maze_grow, wall_frac=env.wall_frac)
   if name == "textcraft":
     return TextCraftEnv(seed=env.seed, max_depth=env.max_depth + cfg.ood_depth_grow)
+  if name == "wordle":
+    return WordleEnv(seed=env.seed)
   return env
 
 
@@ -115,7 +119,7 @@ def evaluate_splits(cfg: Config, evol: AgentEvolConfig, model_config, params, to
   greedy = dataclasses.replace(evol.rollout, greedy=True)
   out = {}
   for split, factory in (("id", lambda n: build_env(evol, n)), ("ood", lambda n: ood_env(evol, cfg, n))):
-    items = eval_items(evol, seen_words, split == "ood")
+    items = eval_items(evol, factory, seen_words, split == "ood")
     trajs = run_rollouts(model_config, params, tokenizer, items, jax.random.key(0), greedy, evol.rollout_batch,
                          factory)
     out[split] = success_table(trajs, evol.reward_threshold)
@@ -190,9 +194,11 @@ def main(cfg: Config) -> dict:
   arm_cfg = lambda arm: dataclasses.replace(evol, run_dir=str(run_dir / arm))
   bc = _sft(arm_cfg("imitation"), "bc", model_config, base, tokenizer, expert, evol.sft_epochs)
   log(f"BC on {len(expert)} expert trajectories done")
-  branches = collect_branches(model_config, bc, tokenizer, trajs, lambda n: build_env(evol, n),
+  per_env = cfg.branch_per_env or evol.expert_per_env
+  branched = [t for t in trajs if t.idx < per_env]
+  branches = collect_branches(model_config, bc, tokenizer, branched, lambda n: build_env(evol, n),
                               jax.random.key(cfg.seed + 17), cfg.ee, cfg.seed)
-  states = sum(len(t.turns) for t in trajs)
+  states = sum(len(t.turns) for t in branched)
   log(f"{len(branches)} branches from {states} expert states (K={cfg.ee.branches})")
   arm_params = {"imitation": bc}
   if "iwm" in cfg.arms:

@@ -42,8 +42,8 @@ class EarlyExperienceConfig:
   max_new_tokens: int = 24
   state_batch: int = 16  # expert states per sampler call (rows = state_batch * proposals)
   iwm_schedule: str = "two_stage"
-  iwm_epochs: float = 2.0
-  sr_epochs: float = 2.0
+  iwm_epochs: float = 1.0
+  sr_epochs: float = 1.0
   fill_random: bool = False  # top up to K with random legal actions where the policy proposed fewer (not the paper)
 
   def __post_init__(self):

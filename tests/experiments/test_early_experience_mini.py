@@ -2,9 +2,12 @@
 out-of-domain evaluation) runs end to end, and the result, table and plot agree with each other."""
 import json
 
+import pytest
+
 from experiments import early_experience as exp
 
 
+@pytest.mark.slow  # ~100 s of CPU, most of it compiling 7 SFT steps and the samplers' shapes
 def test_mini_early_experience(tmp_path, capsys):
   out = exp.main(exp.Config(run_dir=str(tmp_path), tiny=True))
   last = capsys.readouterr().out.strip().splitlines()[-1]
