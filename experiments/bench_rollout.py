@@ -10,8 +10,10 @@ reasoning-RL run; APRIL, arXiv 2509.18521, describes the same long tail), scaled
 [1, N]. A random model never stops on its own, so each row gets its drawn length as its token budget (the static
 sampler's `budget_B`, the engine's `Request.max_new_tokens`). Requests number 4x the slots, G samples each.
 
-Reported: useful (generated) tokens/s per engine over the same rows, slot utilisation (generated tokens / slot-steps)
-of both, the continuous engine's prefill share of wall time, compiles after warm-up (traces of the jitted functions
+Reported: useful (generated) tokens/s per engine over the same rows, slot utilisation (generated tokens / slot-steps,
+a slot-step being one row of a decode step's batch) of both, the continuous engine's time breakdown (prefill_share:
+refill calls, prefill and copy into slots; decode_share: decode calls and the flag read that ends each; read_share:
+finished rows to the host) with its call counts, compiles after warm-up (traces of the jitted functions
 while timing a length mix the warm-up did not see), and whether both engines emitted the same tokens
 (`tokens_match`: fraction of rows, same keys). Timings are medians of `repeats` interleaved runs.
 The last stdout line is the JSON result, also written to runs/bench_rollout/result.json.
@@ -119,6 +121,7 @@ def main(args: Args) -> dict:
   t0 = time.perf_counter()
   warm = mix()
   run_static(config, params, sampling, args, *warm)
+  continuous.warmup(config, params, sampling, args.slots, args.prompt_len)  # every width and refill bucket
   run_continuous(config, params, sampling, args, *warm)
   warmup_s = time.perf_counter() - t0
   traces0 = (sampler.TRACE_COUNT[0], sum(continuous.TRACE_COUNT.values()))
@@ -147,7 +150,10 @@ def main(args: Args) -> dict:
             "static_tok_s": round(tok / med["static"], 1), "continuous_tok_s": round(tok / med["continuous"], 1),
             "continuous_over_static": round(med["static"] / med["continuous"], 2),
             "slot_utilisation": round(stats.utilisation, 3), "static_utilisation": round(last["static_util"], 3),
-            "prefill_share": round(stats.prefill_s / stats.wall_s, 3), "compiles_after_warmup": compiles,
+            "prefill_share": round(stats.refill_s / stats.wall_s, 3),
+            "decode_share": round(stats.decode_s / stats.wall_s, 3), "read_share": round(stats.read_s / stats.wall_s, 3),
+            "decode_calls": stats.decode_calls, "refills": stats.refills, "compactions": stats.compactions,
+            "decode_steps": stats.decode_steps, "compiles_after_warmup": compiles,
             "tokens_match": last["match"], "warmup_s": round(warmup_s, 1),
             "wall_s": {k: [round(x, 2) for x in v] for k, v in wall.items()}, "seed": args.seed,
             "repeats": args.repeats}

@@ -4,17 +4,28 @@ request's samples as soon as rows finish, so no slot decodes padding while a que
 Layout: each slot owns a KV region of C = P + N cache slots, laid out as the static sampler lays out one row (prompt
 left-padded into [0, P), completion token t at P + t), so a row computes exactly what `sampler.sample` computes for
 it. The decode step is the decoder's own `decode_step` vmapped over slots, each with its own write index and
-position. Shapes are fixed by (slots, P, N): any mix of lengths and budgets runs on one compiled decode, one prefill
-and one insert. Per-slot regions cost slots x C of KV memory whatever the lengths (paged blocks would hold only
-what is live) and every step attends over all C slots, as the static sampler does; they need no block table, no
-gather in attention and no allocator, and at exrl's sizes (C <= a few thousand, tens of slots) the cache is a small
-fraction of memory, so memory, not speed, is what paging would buy.
+position. Per-slot regions cost slots x C of KV memory whatever the lengths (paged blocks would hold only what is
+live) and every step attends over all C slots, as the static sampler does; they need no block table, no gather in
+attention and no allocator, and at exrl's sizes (C <= a few thousand, tens of slots) the cache is a small fraction
+of memory, so memory, not speed, is what paging would buy.
 
-A request (prompt, number of samples, token budget, key) is prefilled once; its G samples are copied from that
-prefix into free slots, possibly over several refills. Sample g of a request draws token t with
-fold_in(fold_in(key, g), t): the same as `sampler.sample(..., keys_B=row_keys(...))`, whatever slot it lands in.
+Scheduling, measured on bench_rollout (see docs/rollout.md):
+- Refill: every request admitted at one refill point is prefilled in ONE call (the prompts padded to a power-of-two
+  bucket of rows) that also copies the prefixes into their slots. A request whose G samples span refills is
+  prefilled once: later samples copy the prefix from a slot that already holds it.
+- Drain: once the queue is empty, the decode batch shrinks to the power-of-two bucket that holds the live rows (the
+  rows are gathered into a smaller state), as vLLM pads to captured CUDA-graph batch sizes: the long tail of one
+  long row no longer decodes `slots` rows per step.
+- The host is consulted only when a row ends and a request waits, or when the live rows fit a smaller bucket; in
+  between, decode runs in a jitted while_loop.
+Shapes are fixed by (slots, P, N) and the buckets: any mix of lengths and budgets runs on the compiled set that
+`warmup` builds (one decode per width, one refill per row bucket, one gather per width).
 
-Shape suffixes: S slots, P prompt length, N max new tokens, C = P + N, D hidden, V vocab, K kv heads, E head dim.
+Sample g of a request draws token t with fold_in(fold_in(key, g), t): the same as
+`sampler.sample(..., keys_B=row_keys(...))`, whatever slot or width it runs in.
+
+Shape suffixes: W decode width (slots now in the batch), S slots, R prompts in a refill, M rows placed, P prompt
+length, N max new tokens, C = P + N, D hidden, V vocab.
 """
 from __future__ import annotations
 
@@ -33,6 +44,7 @@ from exrl.rollout import sampler
 from exrl.rollout.sampler import SamplingConfig
 
 TRACE_COUNT = collections.Counter()  # traces per jitted function: tests and the bench count compiles with it
+_OUTPUTS = ("tokens_SxN", "mask_SxN", "gen_SxN", "logp_SxN", "sc_SxN", "entropy_SxN")
 
 
 class Request(NamedTuple):
@@ -46,18 +58,26 @@ class Request(NamedTuple):
 
 @dataclasses.dataclass
 class RunStats:
-  """decode_steps: jitted decode iterations; slot_steps = steps x slots; generated: tokens emitted (useful work);
-  prefill_s / decode_s / wall_s: seconds; prefills: prompts prefilled (once per request)."""
+  """decode_steps: jitted decode iterations; slot_steps: sum over steps of the decode width (rows computed);
+  generated: tokens emitted (useful work); prefills: prompts prefilled (once per request); refills / decode_calls /
+  compactions: jitted calls. Seconds: refill_s (prefill + copy into slots), decode_s (decode calls and the flag
+  read that ends each), read_s (finished rows to the host), wall_s (the whole `run`)."""
   slots: int
   decode_steps: int = 0
+  slot_steps: int = 0
   generated: int = 0
   prefills: int = 0
-  prefill_s: float = 0.0
+  refills: int = 0
+  decode_calls: int = 0
+  compactions: int = 0
+  refill_s: float = 0.0
+  decode_s: float = 0.0
+  read_s: float = 0.0
   wall_s: float = 0.0
 
   @property
   def utilisation(self) -> float:
-    return self.generated / max(self.decode_steps * self.slots, 1)
+    return self.generated / max(self.slot_steps, 1)
 
 
 def row_keys(keys_U: Sequence[jax.Array], num_samples: Sequence[int]) -> jax.Array:
@@ -65,111 +85,164 @@ def row_keys(keys_U: Sequence[jax.Array], num_samples: Sequence[int]) -> jax.Arr
   return jnp.stack([jax.random.fold_in(k, g) for k, n in zip(keys_U, num_samples) for g in range(n)])
 
 
+def buckets(slots: int) -> list[int]:
+  """Decode widths and refill row counts: the powers of two below `slots`, and `slots`, descending."""
+  return [slots] + [1 << i for i in reversed(range(max(slots - 1, 0).bit_length())) if 1 << i < slots]
+
+
+def _bucket(n: int, slots: int) -> int:
+  return min(b for b in buckets(slots) if b >= n)
+
+
 # ----------------------------------------------------------------------------- device functions
 
 
-def _decode_rows(config: ModelConfig, params: dict, tok_S, pos_S, index_S, cache: dict):
+def _decode_rows(config: ModelConfig, params: dict, tok_W, pos_W, index_W, cache: dict):
   """One token per slot, each written at its own cache index: the decoder's decode_step vmapped over slots."""
   def one(tok, pos, index, cache_row):
     c = jax.tree.map(lambda a: a[None], cache_row)
     h_1x1xD, c = decoder.decode_step(config, params, tok[None, None], pos[None, None], jnp.ones((1, 1), bool), c,
                                      index)
     return h_1x1xD[0, 0], jax.tree.map(lambda a: a[0], c)
-  return jax.vmap(one)(tok_S, pos_S, index_S, cache)
+  return jax.vmap(one)(tok_W, pos_W, index_W, cache)
 
 
 def init_state(config: ModelConfig, sampling: SamplingConfig, slots: int, prompt_len: int) -> dict:
-  """The engine's device state: per-slot KV regions, the hidden state that predicts each slot's next token, counters
-  and per-slot output buffers [S, N]."""
+  """The engine's device state: per-slot KV regions, the hidden state that predicts each slot's next token, the
+  prompt's last hidden state (to copy a prefix into a later slot), counters and per-slot output buffers [S, N]."""
   S, N = slots, sampling.max_new_tokens
   z = lambda dt: jnp.zeros((S, N), dt)
   key_data = jax.random.key_data(jax.random.split(jax.random.key(0), S))
-  return {"cache": decoder.init_cache(config, S, prompt_len + N, per_layer=True),
-          "h_SxD": jnp.zeros((S, config.hidden_size), config.dtype), "t_S": jnp.zeros((S,), jnp.int32),
-          "len_S": jnp.zeros((S,), jnp.int32), "end_S": jnp.zeros((S,), jnp.int32),
+  h = lambda: jnp.zeros((S, config.hidden_size), config.dtype)
+  return {"cache": decoder.init_cache(config, S, prompt_len + N, per_layer=True), "h_SxD": h(), "h0_SxD": h(),
+          "t_S": jnp.zeros((S,), jnp.int32), "len_S": jnp.zeros((S,), jnp.int32), "end_S": jnp.zeros((S,), jnp.int32),
           "active_S": jnp.zeros((S,), bool), "key_S": key_data, "steps": jnp.int32(0), "generated": jnp.int32(0),
           "tokens_SxN": z(jnp.int32), "mask_SxN": z(bool), "gen_SxN": z(bool), "logp_SxN": z(jnp.float32),
           "sc_SxN": z(jnp.float32), "entropy_SxN": z(jnp.float32)}
 
 
-def _prefill(config: ModelConfig, params: dict, tokens_1xP, valid_1xP):
-  """A prompt's KV prefix ([1, ...] per layer), cache validity, last hidden state [D] and length."""
-  TRACE_COUNT["prefill"] += 1
-  params = decoder.unstack_layers(params)
-  cache = decoder.init_cache(config, 1, tokens_1xP.shape[1], per_layer=True)
-  h_1xPxD, cache = decoder.decode_step(config, params, tokens_1xP, decoder.default_positions(valid_1xP), valid_1xP,
-                                       cache, 0)
-  return cache, h_1xPxD[0, -1], jnp.sum(valid_1xP, dtype=jnp.int32)
-
-
-def _insert(state: dict, prefix: dict, h_D, length, slot_M, end_M, key_M):
-  """Copy one prefix into the slots slot_M (index S: no slot, dropped) with per-row ends and keys."""
-  TRACE_COUNT["insert"] += 1
-  C, P = state["cache"]["valid"].shape[1], prefix["valid"].shape[1]
+def _refill(config: ModelConfig, params: dict, state: dict, tokens_RxP, valid_RxP, slot_M, src_M, end_M, key_M):
+  """Prefill R prompts in one pass and start rows: row m goes into slot slot_M[m] (S: none, dropped) with the prefix
+  of source src_M[m] (< R: prompt src; else slot src - R of the current state, which already holds that prompt)."""
+  TRACE_COUNT["refill"] += 1
+  if not isinstance(params["layers"], (tuple, list)):
+    params = decoder.unstack_layers(params)
+  cache, P = state["cache"], tokens_RxP.shape[1]
+  C = cache["valid"].shape[1]
+  bank = {"k": tuple(x[..., :P] for x in cache["k"]), "v": tuple(x[:, :, :P] for x in cache["v"]),
+          "valid": cache["valid"][:, :P], "h0": state["h0_SxD"], "len": state["len_S"]}
+  if tokens_RxP.shape[0]:
+    pre = decoder.init_cache(config, tokens_RxP.shape[0], P, per_layer=True)
+    h_RxPxD, pre = decoder.decode_step(config, params, tokens_RxP, decoder.default_positions(valid_RxP), valid_RxP,
+                                       pre, 0)
+    new = {**pre, "h0": h_RxPxD[:, -1].astype(config.dtype), "len": jnp.sum(valid_RxP, 1, dtype=jnp.int32)}
+    bank = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), new, bank)
+  src = jax.tree.map(lambda a: a[src_M], bank)  # gathered before any slot is overwritten
   put = lambda x, v: x.at[slot_M].set(v, mode="drop")
-  cache = state["cache"]
-  k = tuple(x.at[slot_M, :, :, :P].set(jnp.broadcast_to(p, (len(slot_M), *p.shape[1:])), mode="drop")
-            for x, p in zip(cache["k"], prefix["k"]))
-  v = tuple(x.at[slot_M, :, :P, :].set(jnp.broadcast_to(p, (len(slot_M), *p.shape[1:])), mode="drop")
-            for x, p in zip(cache["v"], prefix["v"]))
-  valid_C = jnp.concatenate([prefix["valid"][0], jnp.zeros((C - P,), bool)])
-  M = len(slot_M)
-  return {**state, "cache": {"k": k, "v": v, "valid": put(cache["valid"], jnp.broadcast_to(valid_C, (M, C)))},
-          "h_SxD": put(state["h_SxD"], jnp.broadcast_to(h_D, (M, h_D.shape[0]))),
-          "t_S": put(state["t_S"], jnp.zeros((M,), jnp.int32)),
-          "len_S": put(state["len_S"], jnp.broadcast_to(length, (M,))), "end_S": put(state["end_S"], end_M),
-          "active_S": put(state["active_S"], jnp.ones((M,), bool)), "key_S": put(state["key_S"], key_M)}
+  M = slot_M.shape[0]
+  valid_MxC = jnp.concatenate([src["valid"], jnp.zeros((M, C - P), bool)], 1)
+  return {**state, "cache": {"k": tuple(x.at[slot_M, :, :, :P].set(p, mode="drop") for x, p in zip(cache["k"], src["k"])),
+                             "v": tuple(x.at[slot_M, :, :P].set(p, mode="drop") for x, p in zip(cache["v"], src["v"])),
+                             "valid": put(cache["valid"], valid_MxC)},
+          "h_SxD": put(state["h_SxD"], src["h0"]), "h0_SxD": put(state["h0_SxD"], src["h0"]),
+          "t_S": put(state["t_S"], jnp.zeros((M,), jnp.int32)), "len_S": put(state["len_S"], src["len"]),
+          "end_S": put(state["end_S"], end_M), "active_S": put(state["active_S"], jnp.ones((M,), bool)),
+          "key_S": put(state["key_S"], key_M)}
+
+
+def _compact(state: dict, rows_W):
+  """The state of slots rows_W only (a narrower decode batch); scalars are kept."""
+  TRACE_COUNT["compact"] += 1
+  return jax.tree.map(lambda a: a if a.ndim == 0 else a[rows_W], state)
 
 
 def _decode(config: ModelConfig, sampling: SamplingConfig, params: dict, state: dict, min_free, max_steps):
-  """Decode all live slots until min_free slots are free (or none is live, or max_steps steps)."""
+  """Decode all live slots until min_free of the W slots are free (or none is live, or max_steps steps)."""
   TRACE_COUNT["decode"] += 1
-  S, N = state["t_S"].shape[0], sampling.max_new_tokens
+  if not isinstance(params["layers"], (tuple, list)):  # callers that pass stacked params (versioned) unstack here
+    params = decoder.unstack_layers(params)
+  W, N = state["t_S"].shape[0], sampling.max_new_tokens
   P = state["cache"]["valid"].shape[1] - N
-  params = decoder.unstack_layers(params)
   head_dtype = sampling.head_dtype or config.dtype
   w_DxV = decoder.unembed_matrix(config, params).astype(head_dtype)
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
   stop_ids = jnp.asarray(sampling.stop_token_ids or (-1,), jnp.int32)
-  rows = jnp.arange(S)
+  rows = jnp.arange(W)
 
   def body(carry):
     st, n = carry
-    t_S, live_S = st["t_S"], st["active_S"]
-    logits_SxV = jnp.einsum("sd,dv->sv", st["h_SxD"].astype(head_dtype), w_DxV, preferred_element_type=jnp.float32)
-    keys_S = sampler.step_key(jax.random.wrap_key_data(st["key_S"]), t_S)
-    tok_S, *stats = sampler.choose_tokens_with_stats(logits_SxV, keys_S, sampling)
-    forced_S = jnp.zeros((S,), bool)
+    t_W, live_W = st["t_S"], st["active_S"]
+    logits_WxV = jnp.einsum("sd,dv->sv", st["h_SxD"].astype(head_dtype), w_DxV, preferred_element_type=jnp.float32)
+    keys_W = sampler.step_key(jax.random.wrap_key_data(st["key_S"]), t_W)
+    tok_W, *stats = sampler.choose_tokens_with_stats(logits_WxV, keys_W, sampling)
+    forced_W = jnp.zeros((W,), bool)
     if sampling.think_budget:
-      tok_S, forced_S = sampler.interrupt(t_S, tok_S, sampling)
-    loss_S = live_S & ~forced_S
-    col_S = jnp.where(live_S, t_S, N)  # finished slots write nowhere
-    put = lambda x_SxN, x_S: x_SxN.at[rows, col_S].set(x_S.astype(x_SxN.dtype), mode="drop")
-    out = {"tokens_SxN": put(st["tokens_SxN"], tok_S), "mask_SxN": put(st["mask_SxN"], loss_S),
-           "gen_SxN": put(st["gen_SxN"], live_S)}
-    for name, x_S in zip(("logp_SxN", "sc_SxN", "entropy_SxN"), stats):
-      out[name] = put(st[name], jnp.where(loss_S, x_S, 0.0))
-    stop_S = jnp.any(tok_S[:, None] == stop_ids[None, :], axis=-1) & ~forced_S
-    active_S = live_S & ~stop_S & (t_S + 1 < st["end_S"])
+      tok_W, forced_W = sampler.interrupt(t_W, tok_W, sampling)
+    loss_W = live_W & ~forced_W
+    col_W = jnp.where(live_W, t_W, N)  # finished slots write nowhere
+    put = lambda x_WxN, x_W: x_WxN.at[rows, col_W].set(x_W.astype(x_WxN.dtype), mode="drop")
+    out = {"tokens_SxN": put(st["tokens_SxN"], tok_W), "mask_SxN": put(st["mask_SxN"], loss_W),
+           "gen_SxN": put(st["gen_SxN"], live_W)}
+    for name, x_W in zip(("logp_SxN", "sc_SxN", "entropy_SxN"), stats):
+      out[name] = put(st[name], jnp.where(loss_W, x_W, 0.0))
+    stop_W = jnp.any(tok_W[:, None] == stop_ids[None, :], axis=-1) & ~forced_W
+    active_W = live_W & ~stop_W & (t_W + 1 < st["end_S"])
     # Token t goes in at cache slot P + t and position len + t; its hidden state predicts token t + 1.
-    h_SxD, cache = _decode_rows(config, params, jnp.where(live_S, tok_S, pad), st["len_S"] + t_S,
-                                jnp.minimum(P + t_S, P + N - 1), st["cache"])
-    st = {**st, **out, "cache": cache, "h_SxD": h_SxD.astype(st["h_SxD"].dtype), "active_S": active_S,
-          "t_S": t_S + live_S, "steps": st["steps"] + 1, "generated": st["generated"] + jnp.sum(live_S)}
+    h_WxD, cache = _decode_rows(config, params, jnp.where(live_W, tok_W, pad), st["len_S"] + t_W,
+                                jnp.minimum(P + t_W, P + N - 1), st["cache"])
+    st = {**st, **out, "cache": cache, "h_SxD": h_WxD.astype(st["h_SxD"].dtype), "active_S": active_W,
+          "t_S": t_W + live_W, "steps": st["steps"] + 1, "generated": st["generated"] + jnp.sum(live_W)}
     return st, n + 1
 
   def cond(carry):
     st, n = carry
     live = jnp.sum(st["active_S"])
-    return (live > 0) & (S - live < min_free) & (n < max_steps)
+    return (live > 0) & (W - live < min_free) & (n < max_steps)
 
   state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
   return state
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("config",))
-_insert_jit = jax.jit(_insert, donate_argnames=("state",))
+_refill_jit = jax.jit(_refill, static_argnames=("config",), donate_argnames=("state",))
+_compact_jit = jax.jit(_compact)  # a narrower state cannot reuse the wider buffers
 _decode_jit = jax.jit(_decode, static_argnames=("config", "sampling"), donate_argnames=("state",))
+_unstack_jit = jax.jit(decoder.unstack_layers)  # once per run, so no jitted call re-slices the layer weights
+
+
+def start_rows(config: ModelConfig, params: dict, state: dict, prompts: Sequence[Sequence[int]], slot_M, src_M, end_M,
+               keys_M, pad: int) -> dict:
+  """Prefill `prompts` in one call (rows padded to a bucket) and start row m in slot slot_M[m] from source src_M[m]
+  (>= 0: that prompt; -1 - s: the prefix already in the state's slot s) with end step end_M[m] and key data
+  keys_M[m]. Every slot in slot_M must be free; the state must be at full width (no rows gathered out)."""
+  S, P = state["t_S"].shape[0], state["cache"]["valid"].shape[1] - state["tokens_SxN"].shape[1]
+  R, M = len(prompts), len(slot_M)
+  Rb = _bucket(R, S) if R else 0
+  tokens_RxP = np.full((Rb, P), pad, np.int32)
+  for i, prompt in enumerate(prompts):
+    tokens_RxP[i, P - len(prompt):] = prompt
+  lengths_R = np.asarray([len(p) for p in prompts] + [1] * (Rb - R))  # bucket padding rows: one pad token
+  fill = lambda xs, v: np.asarray(list(xs) + [v] * (S - M), np.int32)
+  src = fill([s if s >= 0 else Rb - 1 - s for s in src_M], 0)
+  keys_M = np.concatenate([np.asarray(keys_M), np.zeros((S - M, *np.shape(keys_M)[1:]), np.asarray(keys_M).dtype)])
+  return _refill_jit(config, params, state, tokens_RxP, np.arange(P)[None] >= P - lengths_R[:, None],
+                     fill(slot_M, S), src, fill(end_M, 0), keys_M)
+
+
+def warmup(config: ModelConfig, params: dict, sampling: SamplingConfig, slots: int, prompt_len: int) -> None:
+  """Compile everything `run` can call for these shapes: a decode per width, a refill per prompt-row bucket (and
+  none), a gather to each narrower width. After it, no mix of lengths, budgets or queue sizes compiles."""
+  params = _unstack_jit(params)
+  S, P = slots, prompt_len
+  widths = buckets(S)
+  state = init_state(config, sampling, S, P)
+  no_keys = np.asarray(jax.random.key_data(jax.random.key(0)))[None][:0]
+  for R in [0] + widths:
+    state = start_rows(config, params, state, [[0]] * R, [], [], [], no_keys, 0)
+  for W, narrower in zip(widths, widths[1:] + [None]):
+    state = _decode_jit(config, sampling, params, state, 1, 0)
+    if narrower:
+      state = _compact_jit(state, np.arange(narrower, dtype=np.int32))
+  jax.block_until_ready(state)
 
 
 # ----------------------------------------------------------------------------- host scheduler
@@ -185,6 +258,22 @@ class RowOutput(NamedTuple):
   entropy: np.ndarray
 
 
+def _budgets(requests: Sequence[Request], sampling: SamplingConfig, P: int) -> list[np.ndarray]:
+  """Each request's per-sample end step (its budget, capped by the interruption's end); raises on bad requests."""
+  N = sampling.max_new_tokens
+  end_cap = (sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
+             if sampling.think_budget else N)
+  out = []
+  for i, r in enumerate(requests):
+    b = np.broadcast_to(np.asarray(N if r.max_new_tokens is None else r.max_new_tokens, np.int64), (r.num_samples,)
+                        ) if r.num_samples >= 1 else np.zeros((0,), np.int64)
+    if not 0 < len(r.prompt) <= P or r.num_samples < 1 or b.size == 0 or b.min() < 1 or b.max() > N:
+      raise ValueError(f"request {i}: prompt of {len(r.prompt)} tokens must be in [1, prompt_len={P}], num_samples="
+                       f"{r.num_samples} >= 1, max_new_tokens={r.max_new_tokens} in [1, {N}] (one or one per sample)")
+    out.append(np.minimum(b, end_cap).astype(np.int32))
+  return out
+
+
 def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling: SamplingConfig, *, slots: int,
         prompt_len: int, key: jax.Array | None = None, refill_min_free: int = 1, max_steps: int = 1 << 30
         ) -> tuple[list[list[RowOutput]], RunStats]:
@@ -193,7 +282,7 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
   prompt_len: the fixed padded prompt width P (prompts are left-padded to it; longer ones are refused).
   sampling.max_new_tokens is the slot width N and the cap on every request's budget. refill_min_free: decode until
   this many slots are free before refilling while requests wait (1: refill as soon as a row ends; more: fewer host
-  round trips). Results depend only on each request's key, never on slots or neighbours.
+  round trips and bigger prefill batches). Results depend only on each request's key, never on slots or neighbours.
   """
   sampler.check_interrupt(sampling)
   S, P, N = slots, prompt_len, sampling.max_new_tokens
@@ -203,68 +292,84 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
     raise ValueError(f"prompt_len {P} + max_new_tokens {N} exceeds max_position_embeddings="
                      f"{config.max_position_embeddings}")
   pad = sampling.pad_id if sampling.pad_id is not None else (config.pad_token_id or 0)
-  end_cap = (sampling.think_budget + len(sampling.interrupt_token_ids) + sampling.answer_budget
-             if sampling.think_budget else N)
-  budgets = []
-  for i, r in enumerate(requests):
-    b = np.broadcast_to(np.asarray(N if r.max_new_tokens is None else r.max_new_tokens, np.int64), (r.num_samples,)
-                        ) if r.num_samples >= 1 else np.zeros((0,), np.int64)
-    if not 0 < len(r.prompt) <= P or r.num_samples < 1 or b.size == 0 or b.min() < 1 or b.max() > N:
-      raise ValueError(f"request {i}: prompt of {len(r.prompt)} tokens must be in [1, prompt_len={P}], num_samples="
-                       f"{r.num_samples} >= 1, max_new_tokens={r.max_new_tokens} in [1, {N}] (one or one per sample)")
-    budgets.append(np.minimum(b, end_cap).astype(np.int32))
+  budgets = _budgets(requests, sampling, P)
   base_key = jax.random.key(0) if key is None else key
+  req_keys = [jax.random.fold_in(base_key, u) if r.key is None else r.key for u, r in enumerate(requests)]
   t0 = time.perf_counter()
   stats = RunStats(slots=S)
+  params = _unstack_jit(params)
   state = init_state(config, sampling, S, P)
+  widths = buckets(S)
+  W = S  # current decode width; it shrinks only once the queue is empty
   results: list[list[RowOutput | None]] = [[None] * r.num_samples for r in requests]
   queue = collections.deque(range(len(requests)))
-  owner: dict[int, tuple[int, int]] = {}  # slot -> (request, sample)
-  prefix, next_sample = None, 0  # the queue head's prefill and its next sample to place
+  owner: dict[int, tuple[int, int]] = {}  # slot (in the current width) -> (request, sample)
+  next_sample, head_slot = 0, -1  # the queue head's next sample to place, and a slot holding its prefix
   free = list(range(S))
+  steps_seen = 0
   while queue or owner:
-    while free and queue:
-      u = queue[0]
-      r = requests[u]
-      if prefix is None:
-        tokens_1xP = np.full((1, P), pad, np.int32)
-        tokens_1xP[0, P - len(r.prompt):] = r.prompt
-        tp = time.perf_counter()
-        valid_1xP = np.arange(P)[None] >= P - len(r.prompt)
-        prefix = jax.block_until_ready(_prefill_jit(config, params, tokens_1xP, valid_1xP))
-        stats.prefill_s += time.perf_counter() - tp
-        stats.prefills += 1
-      take = min(len(free), r.num_samples - next_sample)
-      slot_M = np.full((S,), S, np.int32)
-      slot_M[:take], free = free[:take], free[take:]
-      req_key = base_key if r.key is None else r.key
-      req_key = jax.random.fold_in(req_key, u) if r.key is None else req_key
-      keys = jax.random.key_data(row_keys([req_key], [r.num_samples]))
-      key_M = jnp.zeros((S, *keys.shape[1:]), keys.dtype).at[:take].set(keys[next_sample:next_sample + take])
-      end_M = np.zeros((S,), np.int32)
-      end_M[:take] = budgets[u][next_sample:next_sample + take]
-      cache, h_D, length = prefix
-      state = _insert_jit(state, cache, h_D, length, slot_M, end_M, key_M)
-      for j, s in enumerate(slot_M[:take]):
-        owner[int(s)] = (u, next_sample + j)
-      next_sample += take
-      if next_sample == r.num_samples:
-        queue.popleft()
-        prefix, next_sample = None, 0
-    state = _decode_jit(config, sampling, params, state, refill_min_free if queue else S + 1, max_steps)
-    active_S, t_S = jax.device_get((state["active_S"], state["t_S"]))
-    done = [s for s in owner if not active_S[s]]
+    if free and queue:
+      fresh, slot_M, src_M, end_M, keys = [], [], [], [], []
+      while free and queue:
+        u = queue[0]
+        r = requests[u]
+        if next_sample == 0:
+          fresh.append(u)
+        src = len(fresh) - 1 if next_sample == 0 else -1 - head_slot  # -1 - s: the prefix in slot s
+        take = min(len(free), r.num_samples - next_sample)
+        placed = free[:take]
+        free = free[take:]
+        rk = np.asarray(jax.random.key_data(row_keys([req_keys[u]], [r.num_samples])))
+        for j, s in enumerate(placed):
+          owner[s] = (u, next_sample + j)
+          slot_M.append(s)
+          src_M.append(src)
+          end_M.append(budgets[u][next_sample + j])
+          keys.append(rk[next_sample + j])
+        next_sample += take
+        head_slot = placed[0]
+        if next_sample == r.num_samples:
+          queue.popleft()
+          next_sample, head_slot = 0, -1
+      tr = time.perf_counter()
+      state = start_rows(config, params, state, [requests[u].prompt for u in fresh], slot_M, src_M, end_M,
+                         np.stack(keys), pad)
+      jax.block_until_ready(state["active_S"])
+      stats.refill_s += time.perf_counter() - tr
+      stats.refills += 1
+      stats.prefills += len(fresh)
+    narrower = widths[widths.index(W) + 1] if W > 1 else 0
+    min_free = refill_min_free if queue else W - narrower if narrower else W + 1
+    td = time.perf_counter()
+    state = _decode_jit(config, sampling, params, state, min_free, max_steps)
+    active_W, t_W, steps = jax.device_get((state["active_S"], state["t_S"], state["steps"]))
+    stats.decode_s += time.perf_counter() - td
+    stats.decode_calls += 1
+    stats.slot_steps += (int(steps) - steps_seen) * W
+    steps_seen = int(steps)
+    done = [s for s in owner if not active_W[s]]
     if done:
-      host = jax.device_get({k: state[k] for k in ("tokens_SxN", "mask_SxN", "gen_SxN", "logp_SxN", "sc_SxN",
-                                                   "entropy_SxN")})
+      tr = time.perf_counter()
+      host = jax.device_get({k: state[k] for k in _OUTPUTS})
       for s in done:
-        keep_N = np.arange(N) < t_S[s]  # the buffers past a row's length hold an earlier occupant's values
+        keep_N = np.arange(N) < t_W[s]  # the buffers past a row's length hold an earlier occupant's values
         u, g = owner.pop(s)
         results[u][g] = RowOutput(np.where(keep_N, host["tokens_SxN"][s], pad), host["mask_SxN"][s] & keep_N,
-                                  host["gen_SxN"][s] & keep_N,
-                                  *(np.where(keep_N, host[k][s], 0.0) for k in ("logp_SxN", "sc_SxN", "entropy_SxN")))
+                                  host["gen_SxN"][s] & keep_N, *(np.where(keep_N, host[k][s], 0.0)
+                                                                 for k in ("logp_SxN", "sc_SxN", "entropy_SxN")))
         free.append(s)
-  steps, generated = jax.device_get((state["steps"], state["generated"]))
-  stats.decode_steps, stats.generated = int(steps), int(generated)
+      free.sort()
+      stats.read_s += time.perf_counter() - tr
+    while not queue and W > 1 and 0 < len(owner) <= widths[widths.index(W) + 1]:
+      # Drain: gather the live rows into the next narrower width (dead slots fill the rest).
+      W = widths[widths.index(W) + 1]
+      live = sorted(owner)
+      rows_W = live + [s for s in range(len(active_W)) if s not in owner][:W - len(live)]
+      state = _compact_jit(state, np.asarray(rows_W, np.int32))
+      owner = {i: owner[s] for i, s in enumerate(live)}
+      active_W = np.asarray(active_W)[rows_W]
+      t_W = np.asarray(t_W)[rows_W]
+      stats.compactions += 1
+  stats.decode_steps, stats.generated = steps_seen, int(jax.device_get(state["generated"]))
   stats.wall_s = time.perf_counter() - t0
   return results, stats

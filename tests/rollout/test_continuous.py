@@ -46,7 +46,8 @@ def test_equals_static_sampler(params, kw):
   np.testing.assert_array_equal(_stack(res, "mask"), np.asarray(ref.mask_BxN))
   for field, name in [("logp", "logp_BxN"), ("self_certainty", "self_certainty_BxN"), ("entropy", "entropy_BxN")]:
     np.testing.assert_allclose(_stack(res, field), np.asarray(getattr(ref, name)), atol=2e-5, rtol=1e-5)
-  assert stats.prefills == len(PROMPTS)  # one prefill per prompt, shared by its samples
+  assert stats.prefills == len(PROMPTS)  # one prefill per prompt, shared by its samples (also across refills)
+  assert stats.refills < len(PROMPTS) and stats.compactions > 0  # batched prefills; the drain ran on narrower widths
   assert stats.generated == int(np.asarray(ref.lengths_B).sum())
   if kw.get("greedy"):  # no stop tokens: every row runs to its budget
     np.testing.assert_array_equal(_stack(res, "mask").sum(1), np.asarray(budgets).reshape(-1))
@@ -64,14 +65,28 @@ def test_no_compiles_after_warmup_across_length_mixes(params):
                              rng.integers(1, hi + 1, g).tolist(), jax.random.key(int(rng.integers(1000)))))
     return reqs
 
-  cb.run(CFG, params, mix(3, 16), s, slots=4, prompt_len=P)  # warm-up
+  cb.warmup(CFG, params, s, slots=4, prompt_len=P)
   before = dict(cb.TRACE_COUNT)
-  sizes = (cb._prefill_jit._cache_size(), cb._insert_jit._cache_size(), cb._decode_jit._cache_size())
+  jits = (cb._refill_jit, cb._compact_jit, cb._decode_jit, cb._unstack_jit)
+  sizes = [f._cache_size() for f in jits]
   for n_req, hi in [(2, 3), (7, 16), (5, 8)]:  # three mixes: short, long-tailed, medium; queue lengths differ
     _, stats = cb.run(CFG, params, mix(n_req, hi), s, slots=4, prompt_len=P)
     assert stats.generated > 0
   assert dict(cb.TRACE_COUNT) == before
-  assert (cb._prefill_jit._cache_size(), cb._insert_jit._cache_size(), cb._decode_jit._cache_size()) == sizes
+  assert [f._cache_size() for f in jits] == sizes
+
+
+def test_drain_shrinks_the_decode_width(params):
+  # Greedy without stop ids: rows run exactly to their budgets, so the schedule is known by hand. 4 slots take the
+  # 16-token row and three 1-token rows; after step 1 one row is live: widths 4 -> 2 -> 1, so 1 x 4 + 15 x 1
+  # slot-steps for 19 tokens (a fixed width would spend 16 x 4 = 64).
+  s = sampler.SamplingConfig(max_new_tokens=16, greedy=True)
+  reqs = [cb.Request(PROMPTS[0], 1, 16), cb.Request(PROMPTS[1], 3, 1)]
+  res, stats = cb.run(CFG, params, reqs, s, slots=4, prompt_len=P)
+  assert (stats.generated, stats.decode_steps, stats.slot_steps, stats.compactions) == (19, 16, 19, 2)
+  assert stats.utilisation == 1.0 and stats.prefills == 2 and stats.refills == 1
+  ref = _static(params, s, [jax.random.key(0)] * 4, [[16, 1]] * 4)  # greedy: keys do not matter
+  np.testing.assert_array_equal(res[0][0].tokens, np.asarray(ref.tokens_BxN)[0])
 
 
 def test_logprobs_equal_fresh_forward_through_the_dispatch(params):
