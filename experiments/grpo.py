@@ -159,7 +159,11 @@ def main(args: Args) -> dict:
   print(f"[grpo] {len(train)} train problems ({dropped} dropped as longer than {args.max_prompt_tokens} tokens); "
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
   lora_cfg = dataclasses.replace(args.rl.lora, base_path=str(Path(args.model).resolve()))  # recorded in checkpoints
-  state, result = train_rl(dataclasses.replace(args.rl, lora=lora_cfg), config, params, tokenizer,
+  # The trainer gets the only reference to the loaded weights (a LoRA run may hold its base as int8 / nf4 and
+  # drop the rest); the LoRA export re-reads the base from disk.
+  loaded = [params]
+  del params
+  state, result = train_rl(dataclasses.replace(args.rl, lora=lora_cfg), config, loaded.pop(), tokenizer,
                            make_source(args, train), eval_problems=evals, verify=task.verify, encode=encode)
   out = {"eval": {k: v for k, v in result.items() if k != "greedy_examples"}, "run_dir": args.rl.run_dir,
          "seed": args.rl.seed, "eval_problems": len(evals), "train_peak_rss_mb": round(peak_rss_mb())}
@@ -168,6 +172,7 @@ def main(args: Args) -> dict:
     export_dtype = (hf.saved_dtype(hf.read_config_json(Path(args.model) / "config.json"), config.param_dtype)
                     if args.export_dtype == "auto" else args.export_dtype)
     if lora_cfg.on:  # <run-dir>/hf merged, <run-dir>/peft the adapter alone
+      params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)[1]
       dirs = export_lora(config, params, state.params, lora_cfg, args.rl.run_dir, dtype=export_dtype)
       out["export_peft"] = dirs["peft"]
     else:

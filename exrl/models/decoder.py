@@ -147,8 +147,7 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positi
   if not isinstance(cache["k"], (tuple, list)):
     if isinstance(params["layers"], (tuple, list)):
       raise ValueError("unstacked params need a per-layer cache: init_cache(..., per_layer=True)")
-    return Decoder(config).apply({"params": params}, tokens_BxT, positions_BxT, valid_BxT, cache, index,
-                                 method=Decoder.decode)
+    return _decode_scanned(config, params, tokens_BxT, positions_BxT, valid_BxT, cache, index)
   # Unrolled: each layer's Block applied to its own params and cache arrays, so nothing is sliced per step.
   model, block, top = Decoder(config), Block(config), {"params": _top(params)}
   layers = params["layers"]
@@ -164,3 +163,27 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positi
     v_new.append(v_l)
   h_BxTxD = model.apply(top, x_BxTxD, method=Decoder.normalize)
   return h_BxTxD, {"k": tuple(k_new), "v": tuple(v_new), "valid": valid_BxS}
+
+
+def _decode_scanned(config: ModelConfig, params: dict, tokens_BxT, positions_BxT, valid_BxT, cache: dict, index):
+  """`decode_step` over stacked params and a stacked cache: a lax.scan over the layers (the sampler's path).
+
+  Each step slices one layer's weights at a time; `unstack_layers` inside a jitted decode loop is a copy of
+  every layer weight plus its hoisted q-k-v / gate-up joins (XLA temp of the sampler on a 4-layer slice of
+  Qwen2.5-0.5B's layout, 16 rows x 192 slots: 932 MB unstacked, 638 MB scanned, 119 MB scanned with the
+  head untransposed). On XLA:CPU a bf16 stack is still cast to fp32 whole (dynamic-slice has no bf16
+  kernel there), so a bf16 base saves no sampler memory on CPU; int8 / nf4 do.
+  """
+  model, block, top = Decoder(config), Block(config), {"params": _top(params)}
+  valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index)
+  x_BxTxD = model.apply(top, tokens_BxT, method=Decoder.embed_rows)
+  rope = model.apply(top, positions_BxT, method=Decoder.rope)
+
+  def layer(x_BxTxD, xs):
+    p, k_l, v_l = xs
+    x_BxTxD, (k_l, v_l) = block.apply({"params": p}, x_BxTxD, rope, allowed_BxTxS, (k_l, v_l), index)
+    return x_BxTxD, (k_l, v_l)
+
+  x_BxTxD, (k, v) = jax.lax.scan(layer, x_BxTxD, (params["layers"], cache["k"], cache["v"]))
+  h_BxTxD = model.apply(top, x_BxTxD, method=Decoder.normalize)
+  return h_BxTxD, {"k": k, "v": v, "valid": valid_BxS}

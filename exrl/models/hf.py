@@ -228,7 +228,8 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype
 
   shapes = param_shapes(config)
   dtype = DTYPES[param_dtype]
-  put = lambda x: jnp.asarray(np.asarray(x, np.float32), dtype)
+  # Cast on the host, leaf by leaf: no fp32 copy of a bf16 checkpoint on the host or the device (a load's peak).
+  put = lambda x: jnp.asarray(np.asarray(x).astype(dtype, copy=False))
   params = {"embed": put(get("model.embed_tokens.weight", shapes["embed"])),
             "final_norm": put(get("model.norm.weight", shapes["final_norm"]))}
   if not config.tie_word_embeddings:

@@ -349,7 +349,7 @@ class Decoder(nn.Module):
   def decode(self, tokens_BxT, positions_BxT, valid_BxT, cache: dict, index):
     """T new tokens written at cache slots [index, index+T) -> (hidden_BxTxD, cache); the cache is stacked [L, ...]."""
     valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index)
-    x_BxTxD, (k, v) = self.layers(self.embed_tokens(tokens_BxT), self.rope(positions_BxT), allowed_BxTxS,
+    x_BxTxD, (k, v) = self.layers(self.embed_rows(tokens_BxT), self.rope(positions_BxT), allowed_BxTxS,
                                   (cache["k"], cache["v"]), index)
     return self.norm_final(x_BxTxD), {"k": k, "v": v, "valid": valid_BxS}
 
@@ -359,6 +359,11 @@ class Decoder(nn.Module):
 
   def embed_tokens(self, tokens_BxT):
     return self.embed.astype(self.config.dtype)[tokens_BxT]
+
+  def embed_rows(self, tokens_BxT):
+    """`embed_tokens` for decoding (no gradient): gather, then cast, as a cast of the whole table would be
+    hoisted out of a decode loop as a [V, D] copy."""
+    return self.embed[tokens_BxT].astype(self.config.dtype)
 
   def normalize(self, x_BxTxD):
     return self.norm_final(x_BxTxD)

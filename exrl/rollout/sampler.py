@@ -300,9 +300,7 @@ def generate(config: ModelConfig, sampling: SamplingConfig, params: dict, prompt
   U, P = prompt_tokens_UxP.shape
   B, N = U * num_samples, sampling.max_new_tokens
   prompt_tokens_UxP, prompt_valid_UxP = prompt_tokens_UxP.astype(jnp.int32), prompt_valid_UxP.astype(bool)
-  # Unstack once, outside the loop, so no decode step slices (copies) layer weights or the cache.
-  params = decoder.unstack_layers(params)
-  cache = decoder.init_cache(config, U, P + N, per_layer=True)
+  cache = decoder.init_cache(config, U, P + N)
   out, _, _ = prefill_and_decode(config, sampling, params, cache, prompt_tokens_UxP, prompt_valid_UxP, key, N,
                                  jnp.zeros((B,), bool), num_samples, budget_B=budget_B, interruptible=True)
   tokens_BxN, mask_BxN, logp_BxN, sc_BxN, entropy_BxN = out[:5]
@@ -324,7 +322,8 @@ def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: di
                        interruptible: bool = False):
   """Prefill a left-padded prefix at cache slots [0, Q), then sample up to `num_new` tokens at slots Q, Q+1, ...
 
-  params: from `decoder.unstack_layers`; cache: `init_cache(per_layer=True)` for the U prefixes, with at least
+  params stacked with a stacked `init_cache` (a scan over the layers: no copy of the weights), or from
+  `decoder.unstack_layers` with `init_cache(per_layer=True)`; the cache for the U prefixes, with at least
   Q + num_new slots. Slots past the prefix are only ever seen after they are written, so a cache can be reused
   without clearing. Each prefix is prefilled once, then its cache is repeated for `num_samples` rows
   (B = U * num_samples, adjacent). Rows with done_B already True emit nothing (pad, mask False). Token t is
@@ -345,13 +344,20 @@ def prefill_and_decode(config: ModelConfig, sampling: SamplingConfig, params: di
   h_UxQxD, cache = decoder.decode_step(config, params, prefix_tokens_UxQ,
                                        decoder.default_positions(prefix_valid_UxQ), prefix_valid_UxQ, cache, 0)
   rows = lambda x: x if num_samples == 1 else jnp.repeat(x, num_samples, axis=0)
-  cache = jax.tree.map(rows, cache)
+  cache = jax.tree.map(rows, cache) if isinstance(cache["k"], (tuple, list)) else {
+      "k": jnp.repeat(cache["k"], num_samples, axis=1), "v": jnp.repeat(cache["v"], num_samples, axis=1),
+      "valid": rows(cache["valid"])}
   h_Bx1xD, prefix_len_B = rows(h_UxQxD[:, -1:]), rows(jnp.sum(prefix_valid_UxQ, axis=1, dtype=jnp.int32))
-  # The LM head transposed once, outside the loop (a tied embedding is stored VxD).
+  # A tied head is read in its stored VxD layout: a transposed copy would be the model's largest temp buffer.
   head_dtype = sampling.head_dtype or config.dtype
-  w_DxV = decoder.unembed_matrix(config, params).astype(head_dtype)
-  project = lambda h_BxD: jnp.einsum("bd,dv->bv", h_BxD.astype(head_dtype), w_DxV,
-                                     preferred_element_type=jnp.float32)
+  if config.tie_word_embeddings:
+    w_VxD = params["embed"].astype(head_dtype)
+    project = lambda h_BxD: jnp.einsum("bd,vd->bv", h_BxD.astype(head_dtype), w_VxD,
+                                       preferred_element_type=jnp.float32)
+  else:
+    w_DxV = decoder.unembed_matrix(config, params).astype(head_dtype)
+    project = lambda h_BxD: jnp.einsum("bd,dv->bv", h_BxD.astype(head_dtype), w_DxV,
+                                       preferred_element_type=jnp.float32)
   logits_BxV = project(h_Bx1xD[:, 0])
 
   def emit(t, choice, done_B, out):

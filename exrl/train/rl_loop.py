@@ -166,6 +166,7 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   # state holds its own copy (the only one donated), and on one device placing them on the mesh is a no-op.
   adapter = Adapter(cfg.lora, model_config, params, cfg.seed)  # the identity unless cfg.lora.rank > 0
   ref_params = adapter.base  # with LoRA: the frozen base, the adapter off
+  del params  # the adapter holds what the run needs: a caller that dropped its tree frees an unquantised base
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
                 "kl": "kl"}
   final_eval = {}
