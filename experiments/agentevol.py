@@ -14,8 +14,9 @@ Writes runs/agentevol/{result.json,table.md,success_vs_m.png}; the last stdout l
 Measured (default run at commit ebb83c7, seed 0, 2 CPU cores at load average 15 to 29): 0.44M parameters,
 BC 225 steps in 15.5 min; greedy success on 32 held-out instances per env, % [95% Wilson CI]: BC maze 34.4
 [20, 52], wordle 84.4 [68, 93], textcraft 0.0 [0, 11]; K=1 M=1 maze 50.0 [34, 66], wordle 40.6 [26, 58],
-textcraft 0.0 [0, 11]. The run was stopped there (about 25 min an iteration at that load): textcraft's BC
-has not yet learned to copy ingredients from the recipe, so the paper's claim is not tested yet.
+textcraft 0.0 [0, 11]; K=1 M=2 maze 25.0 [13, 42], wordle 53.1 [36, 69], textcraft 0.0 [0, 11]. The run
+was stopped there (about 25 min an iteration at that load): textcraft's BC has not yet learned to copy
+ingredients from the recipe, so the paper's claim is not tested yet.
 Details and the comparison with the paper: docs/results/agentevol.md.
 """
 from __future__ import annotations
