@@ -18,11 +18,13 @@ while timing a length mix the warm-up did not see), and whether both engines emi
 (`tokens_match`: fraction of rows, same keys). Timings are medians of `repeats` interleaved runs.
 The last stdout line is the JSON result, also written to runs/bench_rollout/result.json.
 
-Runtime: ~20 min on the 2-core dev box under load (warm-up ~6.5 min). Measured there (load average 11-14), seed 0:
-  {"continuous_over_static": 1.6, "slot_utilisation": 0.359, "static_utilisation": 0.261, "prefill_share": 0.018,
-   "compiles_after_warmup": 0, "tokens_match": 0.906, "static_tok_s": 41.7, "continuous_tok_s": 66.8, ...}
-  --max-new-tokens 256 --slots 8 --repeats 1: continuous_over_static 2.14, slot_utilisation 0.874, static 0.408.
-Utilisation at N = 1024 is capped by the drain (the longest of 64 rows is ~N steps); see docs/rollout.md.
+Runtime: ~17 min on the 2-core dev box under heavy load (load average 22-26; warm-up ~13 min, compiles included).
+Measured there, seed 0, 1 repeat:
+  {"continuous_over_static": 2.8, "slot_utilisation": 0.96, "static_utilisation": 0.261, "prefill_share": 0.029,
+   "decode_share": 0.966, "compiles_after_warmup": 0, "tokens_match": 0.89, "static_tok_s": 41.7,
+   "continuous_tok_s": 116.9, ...}
+  --slots 64 --max-new-tokens 8 (quickstart-sized, 2 repeats): continuous_over_static 1.02, slot_utilisation 0.959,
+  static 0.231, prefill_share 0.538. See docs/rollout.md for the breakdown.
 """
 from __future__ import annotations
 
