@@ -47,7 +47,7 @@ def test_equals_static_sampler(params, kw):
   for field, name in [("logp", "logp_BxN"), ("self_certainty", "self_certainty_BxN"), ("entropy", "entropy_BxN")]:
     np.testing.assert_allclose(_stack(res, field), np.asarray(getattr(ref, name)), atol=2e-5, rtol=1e-5)
   assert stats.prefills == len(PROMPTS)  # one prefill per prompt, shared by its samples (also across refills)
-  assert stats.refills < len(PROMPTS) and stats.compactions > 0  # batched prefills; the drain ran on narrower widths
+  assert stats.compactions > 0  # rows also ran after being gathered into narrower widths
   assert stats.generated == int(np.asarray(ref.lengths_B).sum())
   if kw.get("greedy"):  # no stop tokens: every row runs to its budget
     np.testing.assert_array_equal(_stack(res, "mask").sum(1), np.asarray(budgets).reshape(-1))
