@@ -133,7 +133,7 @@ def test_sampler_holds_no_copy_of_the_layer_weights(base_dtype):
   layer_bytes = 4 * lora.count(params["layers"])
   tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   compiled = jax.jit(generate, static_argnums=(0, 1)).lower(
-      config, SamplingConfig(max_new_tokens=4), base, tokens, jax.ShapeDtypeStruct((2, 8), bool),
+      config, SamplingConfig(max_new_tokens=4, layer_loop="scan"), base, tokens, jax.ShapeDtypeStruct((2, 8), bool),
       jax.random.key(0)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 0.35 * layer_bytes, (temp, layer_bytes)  # one layer at a time: ~1/8 of them, plus small buffers

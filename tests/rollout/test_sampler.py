@@ -53,9 +53,11 @@ def test_pad_prompts_left_pads_to_bucket():
   assert sampler.pad_prompts([[1] * 16], 0, bucket=16)[0].shape == (1, 16)
 
 
-def test_logprobs_match_fresh_forward(params):
+@pytest.mark.parametrize("layer_loop", ["unroll", "scan"])
+def test_logprobs_match_fresh_forward(params, layer_loop):
   tokens, valid = _batch()
-  out = sampler.sample(CONFIG, params, tokens, valid, jax.random.key(1), TEMPERED)
+  out = sampler.sample(CONFIG, params, tokens, valid, jax.random.key(1),
+                       dataclasses.replace(TEMPERED, layer_loop=layer_loop))
   B = len(PROMPTS)
   chex.assert_shape([out.tokens_BxN, out.mask_BxN, out.logp_BxN], (B, N))
   chex.assert_shape([out.seq_tokens_BxS, out.seq_valid_BxS, out.seq_positions_BxS], (B, 16 + N))
@@ -272,3 +274,18 @@ def test_num_samples_prefills_once_and_equals_repeated_prompts(params):
   assert len({tuple(r) for r in np.asarray(got.tokens_BxN)[:G]}) > 1  # a group's samples differ
   with pytest.raises(ValueError, match=r"num_samples=0; must be an int >= 1"):
     sampler.sample(CONFIG, params, tokens, valid, jax.random.key(4), TEMPERED, num_samples=0)
+
+
+def test_layer_loop_auto_unrolls_small_models_and_scans_big_ones(params, monkeypatch):
+  assert sampler.unrolls(SamplingConfig(), params)  # 2 small layers
+  monkeypatch.setattr(sampler, "UNROLL_MAX_BYTES", 4 * sum(x.size for x in jax.tree.leaves(params["layers"])) - 1)
+  assert not sampler.unrolls(SamplingConfig(), params)
+  with pytest.raises(ValueError, match="layer_loop='fold'"):
+    sampler.unrolls(SamplingConfig(layer_loop="fold"), params)
+  # CONFIG's head is tied: the scanned path reads it untransposed, the unrolled one transposed; same samples.
+  assert CONFIG.tie_word_embeddings
+  tokens, valid = _batch()
+  unrolled, scanned = (sampler.sample(CONFIG, params, tokens, valid, jax.random.key(3),
+                                      dataclasses.replace(TEMPERED, layer_loop=loop)) for loop in ("unroll", "scan"))
+  np.testing.assert_array_equal(unrolled.tokens_BxN, scanned.tokens_BxN)
+  np.testing.assert_allclose(unrolled.logp_BxN, scanned.logp_BxN, atol=1e-5)
