@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.accel_env import max_abs_err, time_call
-from kernels import pallas_gpu, reference, xla
-from kernels import pallas as pallas_tpu
+from exrl.kernels import pallas_gpu, reference, xla
+from exrl.kernels import pallas as pallas_tpu
 
 
 def implementations(backend: str, gpu_blocks, tiny: bool) -> dict:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import tyro
 
-import kernels
+from exrl import kernels
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Every third-party package that exrl, kernels and experiments import is a direct dependency of `pip install -e .`.
+"""Every third-party package that exrl and experiments import is a direct dependency of `pip install -e .`.
 
 CI installs the test extra too (torch, which pulls jinja2 and more in), so a missing main-job dependency would
 pass there and fail for a user; this reads the imports and checks them against pyproject's `dependencies`.
@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = {"exrl", "kernels", "experiments", "tests"}
+LOCAL = {"exrl", "experiments", "tests"}
 # Imported lazily by a declared dependency's feature that exrl uses: transformers' chat templates need jinja2.
 REQUIRED_EXTRA = {"jinja2"}
 # Benchmarks against PyTorch implementations need the test extra (torch), and say so.
@@ -29,7 +29,7 @@ def _declared() -> set[str]:
 
 def _imported_modules() -> set[str]:
   mods = set()
-  for folder in ("exrl", "kernels", "experiments"):
+  for folder in ("exrl", "experiments"):
     for path in (ROOT / folder).rglob("*.py"):
       for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):

@@ -1,6 +1,6 @@
 """The docs stay true to the code: every `python -m ...` command shown in README.md and docs/ runs with --help
 and every flag it shows is in that help; every relative link and repository path in the docs and in the
-docstrings of exrl/, experiments/ and kernels/ exists inside the repository; nothing points outside it."""
+docstrings of exrl/ and experiments/ exists inside the repository; nothing points outside it."""
 import ast
 import json
 import os
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("exrl", "experiments", "kernels")
+CODE_DIRS = ("exrl", "experiments")
 # a repository path: starts with a top-level folder of the repo (runs/ holds outputs, never checked), or a
 # capitalised document name (README.md, DESIGN.md); bare lower-case names (decoder.py, report.md) are read in
 # their sentence's context (a folder just named, a run's output) and left alone

@@ -21,7 +21,7 @@ from exrl.infra import mesh as mesh_lib
 from exrl.train.objectives import rl_loss_fn
 from exrl.train.state import OptimConfig, init_state, make_optimizer
 from exrl.train.step import make_train_step, microbatch_sharding
-from kernels import pallas
+from exrl.kernels import pallas
 
 CFG = ModelConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, model_type="qwen2", qkv_bias=True, max_position_embeddings=64)

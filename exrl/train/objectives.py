@@ -11,12 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import kernels
+from exrl import kernels
 from exrl.models import decoder
 from exrl.models.config import ModelConfig
 from exrl.rl.losses import LossConfig, policy_loss
 from exrl.infra import mesh as mesh_lib
-from kernels.sharded import token_stats_vocab_sharded
+from exrl.kernels.sharded import token_stats_vocab_sharded
 
 
 def vocab_parallel(mesh, vocab_size: int) -> bool:

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels import reference, xla
+from exrl import kernels
+from exrl.kernels import reference, xla
 from token_stats_oracle import make_inputs, numpy_stats, stats_and_grads
 
 FIELDS = ("logp", "lse", "entropy", "self_certainty", "kl", "ref_logp", "ref_lse")

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import pallas, reference
+from exrl.kernels import pallas, reference
 from token_stats_oracle import make_inputs, numpy_stats, stats_and_grads
 
 RTOL, ATOL = 1e-5, 1e-6

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-import kernels
-from kernels import pallas_gpu, reference
+from exrl import kernels
+from exrl.kernels import pallas_gpu, reference
 from token_stats_oracle import make_inputs, numpy_stats, stats_and_grads
 
 RTOL, ATOL = 1e-5, 1e-6

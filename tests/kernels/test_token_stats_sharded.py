@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels import xla
-from kernels.sharded import token_stats_vocab_sharded
+from exrl.kernels import xla
+from exrl.kernels.sharded import token_stats_vocab_sharded
 from token_stats_oracle import make_inputs, weighted_loss
 
 FIELDS = ("logp", "lse", "entropy", "self_certainty", "kl", "ref_logp", "ref_lse")

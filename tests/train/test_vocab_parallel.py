@@ -24,7 +24,7 @@ from exrl.train.objectives import rl_loss_fn, sft_loss_fn, vocab_parallel
 from exrl.train.state import OptimConfig, init_state, make_optimizer
 from exrl.train.step import make_train_step, shard_batch
 from exrl.train.trainer import setup_state
-from kernels import pallas as kernels_pallas
+from exrl.kernels import pallas as kernels_pallas
 
 G = 4
 # ScaleRL's loss (CISPO, prompt aggregation) plus the exact KL and an entropy bonus, so every statistic the
@@ -76,7 +76,7 @@ def _sharded_step(cfg, mesh_shape, make_loss, with_ref):
 
 @pytest.mark.parametrize("mesh_shape,implementation", [((2, 2, 2), "xla"), ((1, 1, 8), "xla"), ((2, 2, 2), "pallas")])
 def test_rl_step_vocab_parallel_equals_unsharded(mesh_shape, implementation):
-  """pallas: the interpret-mode kernels under shard_map's unchecked mode (kernels/sharded.py says why)."""
+  """pallas: the interpret-mode kernels under shard_map's unchecked mode (exrl/kernels/sharded.py says why)."""
   cfg = _cfg()
   want_params, want = _unsharded(cfg, rl_loss_fn(cfg, LOSS, implementation="xla"),
                                  decoder.init_params(cfg, jax.random.key(1)))
