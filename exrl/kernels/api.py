@@ -1,8 +1,8 @@
 """One entry point for token statistics; dispatches to the reference, chunked-XLA or Pallas implementation."""
 import jax
 
-from kernels import pallas, pallas_gpu, reference, xla
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels import pallas, pallas_gpu, reference, xla
+from exrl.kernels.stats import TokenStats, check_inputs
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "pallas_gpu")
 # Chunked XLA stays the GPU default until experiments.accelerator_report measures pallas_gpu against it on a GPU.

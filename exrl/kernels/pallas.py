@@ -1,7 +1,7 @@
 """Pallas (TPU) token statistics: a grid over token blocks × vocab blocks, online logsumexp held in VMEM scratch.
 
 Forward: grid (N/bn, V/bv) with semantics (parallel, arbitrary); each step computes a [bn, bv] logit tile on the MXU
-and folds it into [bn, 1] accumulators (kernels/online.py); the last vocab step writes the stats.
+and folds it into [bn, 1] accumulators (exrl/kernels/online.py); the last vocab step writes the stats.
 Backward (custom_vjp), two kernels that recompute tiles: dhidden over grid (N/bn, V/bv) reducing over vocab, and
 dW over grid (V/bv, N/bn) reducing over tokens, each accumulating in fp32 VMEM scratch.
 Blocks respect the TPU (8, 128) tiling: bn % 8 == 0 and bv % 128 == 0 unless a block spans the whole axis. Ragged
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels import online
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels import online
+from exrl.kernels.stats import TokenStats, check_inputs
 
 DEFAULT_BLOCK_N = 256
 DEFAULT_BLOCK_V = 512

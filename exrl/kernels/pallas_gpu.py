@@ -1,7 +1,7 @@
 """Pallas (GPU, Triton backend) token statistics: token blocks stream over vocab blocks, logits tiles never leave SRAM.
 
 Forward: grid (N/bn,); each program loops over vocab blocks of bv columns, builds the [bn, bv] logit tile with a K loop
-over D in chunks of bd (tl.dot), and folds it into [bn, 1] online-logsumexp state (kernels/online.py).
+over D in chunks of bd (tl.dot), and folds it into [bn, 1] online-logsumexp state (exrl/kernels/online.py).
 Backward (custom_vjp): grid (N/bn, V/bv), fully parallel; each program recomputes its logit tile, forms dz and
 atomically adds dz @ w_tileᵀ into an fp32 dhidden and h_tileᵀ @ dz into an fp32 dW (the Cut Cross-Entropy layout,
 arXiv:2411.09009), so no [N, V] array and no per-program [bn, D] accumulator exists.
@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels import online
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels import online
+from exrl.kernels.stats import TokenStats, check_inputs
 
 DEFAULT_BLOCK_N = 64
 DEFAULT_BLOCK_V = 128

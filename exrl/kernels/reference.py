@@ -4,7 +4,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels.stats import TokenStats, check_inputs
 
 
 def logits(hidden_NxD, w_DxV, temperature):

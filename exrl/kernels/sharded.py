@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels import api
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels import api
+from exrl.kernels.stats import TokenStats, check_inputs
 
 
 def _logsumexp_over(x_N, axis):

@@ -1,7 +1,7 @@
 """Chunked-XLA token statistics: streams over vocabulary blocks, never materialising [N, V] logits.
 
 Forward: a fori_loop over blocks of `block_v` columns folds each [N, block_v] logit block into online-logsumexp
-state (kernels/online.py). Backward (custom_vjp): recomputes each block, accumulates dhidden in fp32 and adds the
+state (exrl/kernels/online.py). Backward (custom_vjp): recomputes each block, accumulates dhidden in fp32 and adds the
 block's dW into one fp32 [D, V] buffer in place with dynamic_update_slice, so no stacked or padded D×V temporary exists.
 A ragged last block starts at V − block_v (clamped) and masks the columns the previous block already covered.
 """
@@ -10,8 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kernels import online
-from kernels.stats import TokenStats, check_inputs
+from exrl.kernels import online
+from exrl.kernels.stats import TokenStats, check_inputs
 
 DEFAULT_BLOCK_V = 1024
 
