@@ -149,18 +149,27 @@ def test_restore_without_checkpoint_and_bad_meta_fail_clearly(tmp_path):
 
 
 def test_async_save_survives_donation_of_state(tmp_path):
-  """The caller may donate the state to the next step right after an async save returns."""
-  state = jax.tree.map(jnp.asarray, _np_state(2))
+  """The caller may donate the state to the next step right after an async save returns.
+
+  XLA skips a donation (silently) while the async write still holds the buffer, so the scenario is repeated until
+  a donation really happens; every attempt's checkpoint must equal the oracle either way.
+  """
   step_fn = jax.jit(lambda t: jax.tree.map(lambda x: x * 3 + 1, t), donate_argnums=0)
-  with Checkpointer(tmp_path) as ckpt:
-    ckpt.save(2, state, {})
-    saved_leaf = state["params"]["w_DxF"]
-    state = step_fn(state)
-    assert saved_leaf.is_deleted()  # the donation really happened  # overwrites the donated buffers while the write may still run
-    state = step_fn(state)
-    ckpt.wait()
-    got, _ = ckpt.restore(2, jax.eval_shape(lambda: state))
-  _assert_matches_oracle(got, 2)
+  donated = False
+  for attempt in range(8):
+    state = jax.tree.map(jnp.asarray, _np_state(2))
+    with Checkpointer(tmp_path / str(attempt)) as ckpt:
+      ckpt.save(2, state, {})
+      saved_leaf = state["params"]["w_DxF"]
+      state = step_fn(state)  # overwrites the donated buffers while the write may still run
+      donated = saved_leaf.is_deleted()
+      state = step_fn(state)
+      ckpt.wait()
+      got, _ = ckpt.restore(2, jax.eval_shape(lambda: state))
+    _assert_matches_oracle(got, 2)
+    if donated:
+      break
+  assert donated, "no attempt donated the saved buffers, so the test did not exercise its case"
 
 
 _CHILD = textwrap.dedent("""
