@@ -3,6 +3,7 @@ and final eval are read back from what each package wrote and compared with metr
 import glob
 import json
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -80,8 +81,14 @@ def test_wandb_offline_logs_metrics_config_and_summary(tmp_path, monkeypatch):
   monkeypatch.setenv("WANDB_DIR", str(tmp_path))
   sent = _log_run(tmp_path, ["wandb"])
   assert sent == {"eval/accuracy": 0.75}  # lists and strings are left out
+  lines = read_jsonl(tmp_path / "metrics.jsonl")
   history, config, summary = _wandb_logged(tmp_path)
-  for line in read_jsonl(tmp_path / "metrics.jsonl"):
+  deadline = time.monotonic() + 60  # a CI run under load once read the file before wandb's writer had step 1 in it
+  while not {line["step"] for line in lines} <= history.keys() and time.monotonic() < deadline:
+    time.sleep(1)
+    history, config, summary = _wandb_logged(tmp_path)
+  assert {line["step"] for line in lines} <= history.keys(), f"wandb history has steps {sorted(history)}"
+  for line in lines:
     logged = history[line["step"]]
     assert {k: logged[k] for k in line["metrics"]} == line["metrics"]
     assert logged["timing/step_s"] == 0.5
