@@ -60,8 +60,8 @@ class Config:
   vocab_size: int = 384
   ks: tuple[int, ...] = (1, 2)
   evol: AgentEvolConfig = AgentEvolConfig(
-      expert_per_env=200, explore_per_env=32, eval_per_env=32, iterations=4, sft_epochs=6.0,
-      iteration_sft_epochs=0.5, retrain="continue",
+      expert_per_env=200, expert_counts=("textcraft=400",), explore_per_env=32, eval_per_env=32, iterations=4,
+      sft_epochs=8.0, iteration_sft_epochs=0.5, iteration_lr=3e-4, retrain="continue",
       sft=SFTConfig(batch_size=16, max_len=512, optim=OptimConfig(lr=3e-3, warmup_frac=0.05, min_lr_ratio=0.1)),
       rollout=MultiTurnConfig(max_new_tokens=24, max_len=512), rollout_batch=96, env_kwargs=EASY)
   grpo_steps: int = 0  # > 0 adds the multi-turn GRPO arm (from the BC model) for comparison

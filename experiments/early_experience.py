@@ -30,8 +30,8 @@ from experiments.agentevol import Config as AgentEvolExperiment, agent_tokenizer
 from exrl import cli
 from exrl.envs import MazeEnv, TextCraftEnv, WordleEnv
 from exrl.infra import runlock
-from exrl.methods.agentevol import (EVAL_OFFSET, AgentEvolConfig, _sft, agentevol, build_env, run_rollouts,
-                                    success_table)
+from exrl.methods.agentevol import (EVAL_OFFSET, AgentEvolConfig, _sft, agentevol, build_env, expert_count,
+                                    run_rollouts, success_table)
 from exrl.methods.early_experience import EarlyExperienceConfig, collect_branches, expert_data, train_iwm, train_sr
 from exrl.rollout.multiturn import MultiTurnConfig
 from exrl.train.sft import SFTConfig
@@ -71,8 +71,8 @@ class Config:
 
 def miniature(cfg: Config) -> Config:
   """The `--tiny` run: every stage once, in about a minute on a CPU."""
-  evol = dataclasses.replace(cfg.evol, envs=("maze", "wordle", "textcraft"), expert_per_env=3, explore_per_env=3,
-                             eval_per_env=2, sft_epochs=1.0, iteration_sft_epochs=1.0,
+  evol = dataclasses.replace(cfg.evol, envs=("maze", "wordle", "textcraft"), expert_per_env=3, expert_counts=(),
+                             explore_per_env=3, eval_per_env=2, sft_epochs=1.0, iteration_sft_epochs=1.0,
                              sft=SFTConfig(batch_size=8, max_len=512),
                              rollout=MultiTurnConfig(max_new_tokens=8, max_turns=2, max_len=512), rollout_batch=8)
   ee = dataclasses.replace(cfg.ee, branches=2, proposals=2, max_new_tokens=8, state_batch=8, iwm_epochs=0.5,
@@ -190,7 +190,7 @@ def main(cfg: Config) -> dict:
   seen_words = set()
   if "wordle" in evol.envs:
     env = build_env(evol, "wordle")
-    seen_words = {wordle_target(env, i) for i in range(max(evol.expert_per_env, evol.explore_per_env))}
+    seen_words = {wordle_target(env, i) for i in range(max(expert_count(evol, "wordle"), evol.explore_per_env))}
   arm_cfg = lambda arm: dataclasses.replace(evol, run_dir=str(run_dir / arm))
   bc = _sft(arm_cfg("imitation"), "bc", model_config, base, tokenizer, expert, evol.sft_epochs)
   log(f"BC on {len(expert)} expert trajectories done")
@@ -200,30 +200,33 @@ def main(cfg: Config) -> dict:
                               jax.random.key(cfg.seed + 17), cfg.ee, cfg.seed)
   states = sum(len(t.turns) for t in branched)
   log(f"{len(branches)} branches from {states} expert states (K={cfg.ee.branches})")
-  arm_params = {"imitation": bc}
-  if "iwm" in cfg.arms:
-    arm_params["iwm"] = train_iwm(arm_cfg("iwm"), cfg.ee, model_config, base, tokenizer, trajs, expert, branches)
-  if "sr" in cfg.arms:
-    arm_params["sr"] = train_sr(arm_cfg("sr"), cfg.ee, model_config, base, tokenizer, trajs, expert, branches,
-                                evol.reward_threshold)
+  split_eval = lambda params: evaluate_splits(cfg, evol, model_config, params, tokenizer, seen_words)
   results, rl_details = {}, {}
-  for arm in cfg.arms:
-    params = arm_params[arm]
-    results[LABELS[arm]] = evaluate_splits(cfg, evol, model_config, params, tokenizer, seen_words)
+  for arm in cfg.arms:  # each arm trained, evaluated and RL'd in turn; table.md is rewritten after each
+    if arm == "imitation":
+      params = bc
+    elif arm == "iwm":
+      params = train_iwm(arm_cfg("iwm"), cfg.ee, model_config, base, tokenizer, trajs, expert, branches)
+    else:
+      params = train_sr(arm_cfg("sr"), cfg.ee, model_config, base, tokenizer, trajs, expert, branches,
+                        evol.reward_threshold)
+    results[LABELS[arm]] = split_eval(params)
     log(f"{arm}: {json.dumps(results[LABELS[arm]])}")
+    (run_dir / "table.md").write_text(markdown(results, evol.envs) + "\n")
     if cfg.rl_iterations:
       out = agentevol(dataclasses.replace(arm_cfg(arm), run_dir=str(run_dir / arm / "rl")), model_config, base,
-                      tokenizer, bc=(params, results[LABELS[arm]]["id"]), log=log)
-      results[f"{LABELS[arm]} -> RL"] = evaluate_splits(cfg, evol, model_config, out["params"], tokenizer, seen_words)
+                      tokenizer, bc=(params, results[LABELS[arm]]), log=log, evaluate=split_eval)
+      results[f"{LABELS[arm]} -> RL"] = out["iterations"][-1]["eval"]
       rl_details[arm] = [{k: it[k] for k in ("m", "kept", "data")} for it in out["iterations"]]
-      log(f"{arm} -> RL: {json.dumps(results[f'{LABELS[arm]} -> RL'])}")
+      (run_dir / "table.md").write_text(markdown(results, evol.envs) + "\n")
   table = markdown(results, evol.envs)
   print("\n" + table, flush=True)
   (run_dir / "table.md").write_text(table + "\n")
   plot(results, evol.envs, run_dir / "success.png")
   by_env = lambda env: sum(b.env == env for b in branches)
   out = {"results": results, "rl": rl_details, "runtime_s": round(time.time() - t0, 1), "seed": cfg.seed,
-         "eval_per_env": evol.eval_per_env, "expert_per_env": evol.expert_per_env, "expert_states": states,
+         "eval_per_env": evol.eval_per_env, "expert_per_env": {env: expert_count(evol, env) for env in evol.envs},
+         "expert_states": states,
          "branches": {env: by_env(env) for env in evol.envs}, "branches_per_state": cfg.ee.branches,
          "rl_iterations": cfg.rl_iterations, "wordle_seen_words": len(seen_words),
          "plot": str(run_dir / "success.png")}

@@ -43,6 +43,8 @@ class AgentEvolConfig:
   envs: tuple[str, ...] = ("maze", "wordle", "textcraft")
   env_seed: int = 0
   expert_per_env: int = 64  # D_s: the expert on instances [0, expert_per_env)
+  # per-env overrides of expert_per_env, "env=N" (e.g. "textcraft=400": an env that is learned later gets more)
+  expert_counts: tuple[str, ...] = ()
   explore_per_env: int = 192  # exploration instructions: instances [0, explore_per_env)
   eval_per_env: int = 100
   iterations: int = 4  # M
@@ -52,6 +54,9 @@ class AgentEvolConfig:
   retrain: str = "base"  # base: every iteration restarts from the base model (paper); continue: from the last
   sft_epochs: float = 4.0  # SFT steps = ceil(epochs * examples / batch_size)
   iteration_sft_epochs: float = 0.0  # epochs of each iteration's SFT; 0: sft_epochs (as BC)
+  # peak lr of each iteration's SFT; 0: sft.optim.lr. With retrain="continue", restarting at BC's peak lr
+  # undoes part of what BC learned, so a continued iteration should start near where BC's schedule ended
+  iteration_lr: float = 0.0
   sft: SFTConfig = SFTConfig(batch_size=32, max_len=512)
   rollout: MultiTurnConfig = MultiTurnConfig(max_new_tokens=24, max_len=512)
   rollout_batch: int = 64  # envs per batched rollout
@@ -65,6 +70,10 @@ class AgentEvolConfig:
       build_env(self, name)  # a bad spec fails here, naming itself, not mid-run
     if self.retrain not in RETRAIN:
       raise ValueError(f"AgentEvolConfig.retrain={self.retrain!r}; valid: {RETRAIN}")
+    for name in ENVS:
+      expert_count(self, name)  # a bad "env=N" fails here too
+    if self.iteration_lr < 0:
+      raise ValueError(f"AgentEvolConfig.iteration_lr={self.iteration_lr} must be >= 0 (0: sft.optim.lr)")
     if self.iterations < 0 or self.samples_per_instruction < 1:
       raise ValueError(f"iterations={self.iterations} must be >= 0 and samples_per_instruction="
                        f"{self.samples_per_instruction} >= 1")
@@ -86,6 +95,18 @@ def env_kwargs(cfg: AgentEvolConfig, name: str) -> dict:
   return out
 
 
+def expert_count(cfg: AgentEvolConfig, name: str) -> int:
+  """How many expert trajectories env `name` contributes: its `cfg.expert_counts` entry, else expert_per_env."""
+  out = cfg.expert_per_env
+  for spec in cfg.expert_counts:
+    env, eq, value = spec.partition("=")
+    if not eq or env.strip() not in ENVS or not value.strip().isdigit():
+      raise ValueError(f"AgentEvolConfig.expert_counts entry {spec!r}; want 'env=N' with env in {sorted(ENVS)}")
+    if env.strip() == name:
+      out = int(value)
+  return out
+
+
 def build_env(cfg: AgentEvolConfig, name: str, seed: int | None = None):
   """Env `name` at `cfg.env_seed` (or `seed`) with its `cfg.env_kwargs`."""
   kwargs = env_kwargs(cfg, name)
@@ -96,11 +117,11 @@ def build_env(cfg: AgentEvolConfig, name: str, seed: int | None = None):
 
 
 def expert_examples(tokenizer, cfg: AgentEvolConfig) -> list[tuple[list[int], list[int]]]:
-  """D_s as (ids, agent_mask) pairs: the scripted expert on instances [0, cfg.expert_per_env) of every env."""
+  """D_s as (ids, agent_mask) pairs: the scripted expert on instances [0, expert_count(cfg, env)) of every env."""
   out = []
   for name in cfg.envs:
     env = build_env(cfg, name)
-    for i in range(cfg.expert_per_env):
+    for i in range(expert_count(cfg, name)):
       tr = run_expert(env, i)
       out.append(trajectory_ids(tokenizer, tr.instruction, [(agent_text(t, a), o) for t, a, o in tr.turns]))
   return out
@@ -159,22 +180,27 @@ def keep_successes(trajs: Sequence[Trajectory], threshold: float, seen: set) -> 
   return out
 
 
-def _sft(cfg: AgentEvolConfig, name: str, model_config, params, tokenizer, data, epochs: float) -> dict:
+def _sft(cfg: AgentEvolConfig, name: str, model_config, params, tokenizer, data, epochs: float,
+         lr: float = 0.0) -> dict:
   steps = max(1, math.ceil(epochs * len(data) / cfg.sft.batch_size))
+  optim = dataclasses.replace(cfg.sft.optim, lr=lr) if lr else cfg.sft.optim
   sft = dataclasses.replace(cfg.sft, run_dir=str(Path(cfg.run_dir) / name), steps=steps, checkpoint_every=steps,
-                            seed=cfg.seed)
+                            seed=cfg.seed, optim=optim)
   return train_sft(sft, model_config, params, tokenizer, [], tokenized=data).params
 
 
 def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, tokenizer, *,
-              env_factory: Callable | None = None, log: Callable = print, bc: tuple | None = None) -> dict:
+              env_factory: Callable | None = None, log: Callable = print, bc: tuple | None = None,
+              evaluate: Callable | None = None) -> dict:
   """Run BC then M AgentEvol iterations; returns {"bc": eval, "iterations": [{m, kept, data, eval}],
   "bc_params", "params"}.
 
   env_factory(name) -> Env builds the envs to explore and evaluate in (default: in-process, `cfg.env_seed`).
   bc: (params, eval) of an earlier run's BC model on the same expert data, to skip BC (arms of one experiment).
+  evaluate(params) -> dict replaces `evaluate_agent` for every model (a caller with its own eval splits).
   """
   env_factory = env_factory or (lambda n: build_env(cfg, n))
+  evaluate = evaluate or (lambda p: evaluate_agent(cfg, model_config, p, tokenizer, env_factory))
   t0 = time.time()
   expert = expert_examples(tokenizer, cfg)
   longest = max(len(ids) for ids, _ in expert)
@@ -184,7 +210,7 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
   if bc is None:
     log(f"[agentevol] BC on {len(expert)} expert trajectories (longest {longest} tokens)")
     bc_params = _sft(cfg, "bc", model_config, base_params, tokenizer, expert, cfg.sft_epochs)
-    bc = (bc_params, evaluate_agent(cfg, model_config, bc_params, tokenizer, env_factory))
+    bc = (bc_params, evaluate(bc_params))
   bc, bc_eval = bc
   result = {"bc": bc_eval, "bc_params": bc, "iterations": [], "expert_trajectories": len(expert)}
   log(f"[agentevol] BC: {json.dumps(result['bc'])}")
@@ -198,8 +224,8 @@ def agentevol(cfg: AgentEvolConfig, model_config: ModelConfig, base_params, toke
     data += kept
     start = base_params if cfg.retrain == "base" else params
     params = _sft(cfg, f"iter{m}", model_config, start, tokenizer, data,
-                  cfg.iteration_sft_epochs or cfg.sft_epochs)
-    ev = evaluate_agent(cfg, model_config, params, tokenizer, env_factory)
+                  cfg.iteration_sft_epochs or cfg.sft_epochs, cfg.iteration_lr)
+    ev = evaluate(params)
     it = {"m": m, "explore_success": success_table(trajs, cfg.reward_threshold), "kept": len(kept),
           "data": len(data), "eval": ev, "elapsed_s": round(time.time() - t0, 1)}
     result["iterations"].append(it)

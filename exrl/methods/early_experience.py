@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import jax
 
 from exrl.envs.experts import EnvTrajectory, expert_trajectories
-from exrl.methods.agentevol import AgentEvolConfig, _sft, build_env, expert_examples
+from exrl.methods.agentevol import AgentEvolConfig, _sft, build_env, expert_count, expert_examples
 from exrl.methods.early_experience_data import Branch, iwm_examples, sr_examples, state_ids
 from exrl.models.config import ModelConfig
 from exrl.rollout.multiturn import _decode, agent_text, parse_action
@@ -148,7 +148,7 @@ def collect_branches(model_config: ModelConfig, params, tokenizer, trajs: Sequen
 def expert_data(evol: AgentEvolConfig, tokenizer) -> tuple[list[EnvTrajectory], list]:
   """The expert trajectories (records, for branching) and their BC examples, as AgentEvol builds them."""
   trajs = [tr for name in evol.envs
-           for tr in expert_trajectories(build_env(evol, name), range(evol.expert_per_env))]
+           for tr in expert_trajectories(build_env(evol, name), range(expert_count(evol, name)))]
   return trajs, expert_examples(tokenizer, evol)
 
 

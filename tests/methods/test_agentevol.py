@@ -65,6 +65,21 @@ def test_expert_data_uses_env_kwargs():
   assert expert_examples(TOK, cfg) == want  # size-5 mazes (kwargs ignored) would differ
 
 
+
+def test_expert_counts_override_per_env_and_bad_specs_fail():
+  from exrl.methods.agentevol import expert_count
+  cfg = AgentEvolConfig(envs=("maze", "wordle"), expert_per_env=2, expert_counts=("wordle=3",),
+                        env_kwargs=("maze:size=3",))
+  assert (expert_count(cfg, "maze"), expert_count(cfg, "wordle"), expert_count(cfg, "textcraft")) == (2, 3, 2)
+  only = lambda env, n: expert_examples(TOK, AgentEvolConfig(envs=(env,), expert_per_env=n, env_kwargs=cfg.env_kwargs))
+  assert expert_examples(TOK, cfg) == only("maze", 2) + only("wordle", 3)  # instances [0, N) of each env
+  for bad in ("wordle:3", "chess=3", "wordle=three", "wordle=-1"):
+    with pytest.raises(ValueError, match="expert_counts"):
+      AgentEvolConfig(expert_counts=(bad,))
+  with pytest.raises(ValueError, match="iteration_lr"):
+    AgentEvolConfig(iteration_lr=-1e-3)
+
+
 class SlotEnv:
   """A one-turn env whose reward is its construction order mod 2, so groups of 2 get rewards 0 and 1."""
   name, max_turns, made = "slot", 1, [0]
