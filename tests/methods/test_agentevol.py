@@ -144,7 +144,7 @@ def test_experiment_end_to_end(tmp_path):
   from exrl.train.sft import SFTConfig
   cfg = exp.Config(run_dir=str(tmp_path / "ae"), ks=(1,), model=TINY, vocab_size=320,
                    evol=AgentEvolConfig(envs=("maze", "textcraft"), expert_per_env=6, explore_per_env=4,
-                                        eval_per_env=3, iterations=1, sft_epochs=1.0,
+                                        eval_per_env=3, iterations=1, sft_epochs=1.0, iteration_lr=1e-4,
                                         sft=SFTConfig(batch_size=8, max_len=512),
                                         rollout=MultiTurnConfig(max_new_tokens=16, max_turns=3, max_len=512),
                                         rollout_batch=8))
@@ -154,3 +154,5 @@ def test_experiment_end_to_end(tmp_path):
   it = out["iterations"]["K=1"][0]
   assert it["data"] == 12 + it["kept"]
   assert (tmp_path / "ae" / "success_vs_m.png").exists() and (tmp_path / "ae" / "table.md").exists()
+  lr = lambda name: json.loads((tmp_path / "ae" / "K1" / name / "config.json").read_text())["optim"]["lr"]
+  assert (lr("bc"), lr("iter1")) == (cfg.evol.sft.optim.lr, 1e-4)  # the iteration starts at iteration_lr
