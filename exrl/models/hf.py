@@ -226,6 +226,11 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype
       raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(x.shape)}, expected {list(shape)}")
     return x
 
+  def close() -> None:  # unmaps the files: the pages read so far would otherwise count in this process's RSS
+    for h in handles.values():
+      h.__exit__(None, None, None)
+    handles.clear()
+
   shapes = param_shapes(config)
   dtype = DTYPES[param_dtype]
   # Cast on the host, leaf by leaf: no fp32 copy of a bf16 checkpoint on the host or the device (a load's peak).
@@ -234,16 +239,20 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype
             "final_norm": put(get("model.norm.weight", shapes["final_norm"]))}
   if not config.tie_word_embeddings:
     params["lm_head"] = put(get("lm_head.weight", shapes["lm_head"][::-1]).T)
+  close()
   layers = {}
   for leaf, (template, kind) in _hf_names(config).items():
     per_layer = shapes["layers"][leaf][1:]
     hf_shape = _hf_shape(per_layer, kind)
-    stacked = [_to_exrl(get(f"model.layers.{i}.{template}", hf_shape), kind, per_layer)
-               for i in range(config.num_layers)]
-    layers[leaf] = put(np.stack(stacked))
+    stacked = None  # filled layer by layer: one host copy of the stack, not a list of layers plus their stack
+    for i in range(config.num_layers):
+      x = _to_exrl(get(f"model.layers.{i}.{template}", hf_shape), kind, per_layer)
+      stacked = np.empty((config.num_layers, *per_layer), x.dtype) if stacked is None else stacked
+      stacked[i] = x
+    layers[leaf] = put(stacked)
+    del stacked
+    close()
   params["layers"] = layers
-  for h in handles.values():
-    h.__exit__(None, None, None)
   return config, params
 
 

@@ -11,7 +11,8 @@ so the decoder's modules find it by name (`modules._param` dequantises one layer
         the 16 NF4 levels. Round-trip error per element <= NF4_MAX_HALF_GAP * absmax of its block (0.1385).
 
 Only the seven projection matrices are quantised, as in QLoRA; the embedding (also the tied LM head), norms and
-biases stay in bf16. Unlike bitsandbytes, the absmax is kept in float32 (no double quantisation: it is 1/16
+biases stay in bf16, or in fp32 on XLA:CPU (`dense_dtype`), which casts a bf16 matrix read by a dot or sliced in a
+loop to fp32 whole: the head's cast was an fp32-embedding-sized temp in the sampler, the scorer and the train step. Unlike bitsandbytes, the absmax is kept in float32 (no double quantisation: it is 1/16
 of a byte per weight) and dequantisation is plain XLA (no fused 4-bit matmul), so int8/nf4 save memory, not time.
 """
 from __future__ import annotations
@@ -82,26 +83,43 @@ def nf4_dequantize(packed, absmax, shape: tuple[int, ...], dtype) -> jax.Array:
 # ----------------------------------------------------------------------------- param trees
 
 
-def quantize_base(params: dict, base_dtype: str) -> dict:
+def dense_dtype() -> jnp.dtype:
+  """What int8 / nf4 bases hold their unquantised leaves in: fp32 on XLA:CPU (no bf16 dot or dynamic-slice
+  there: a bf16 embedding costs an fp32 copy of it in every jitted function that reads the head), else bf16."""
+  return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def quantize_base(params: dict, base_dtype: str, dense: jnp.dtype | None = None) -> dict:
   """The frozen base as `base_dtype`: float32 (as given), bfloat16 (every leaf), int8 / nf4 (projections
-  quantised, everything else bf16). Returns a new dict; the caller's arrays are not modified."""
+  quantised, everything else in `dense`, default `dense_dtype()`). Returns a new dict; the caller's arrays are
+  not modified."""
   if base_dtype not in BASE_DTYPES:
     raise ValueError(f"base_dtype={base_dtype!r}; valid: {BASE_DTYPES}")
   if base_dtype == "float32":
     return params
-  bf16 = lambda x: x.astype(jnp.bfloat16)
-  out = {k: jax.tree.map(bf16, v) for k, v in params.items() if k != "layers"}
+  rest = lambda x: x.astype(jnp.bfloat16 if base_dtype == "bfloat16" else (dense or dense_dtype()))
+  out = {k: jax.tree.map(rest, v) for k, v in params.items() if k != "layers"}
   layers = {}
   for name, w in params["layers"].items():
     if base_dtype == "bfloat16" or name not in PROJECTIONS:
-      layers[name] = bf16(w)
+      layers[name] = rest(w)
     elif base_dtype == "int8":
-      layers[f"{name}_int8"], layers[f"{name}_int8_scale"] = jax.jit(int8_quantize, static_argnums=1)(
-          w, N_IN.get(name, 1))
+      layers[f"{name}_int8"], layers[f"{name}_int8_scale"] = _by_layer(_int8_jit, w, N_IN.get(name, 1))
     else:
-      layers[f"{name}_nf4"], layers[f"{name}_nf4_absmax"] = jax.jit(nf4_quantize)(w)
+      layers[f"{name}_nf4"], layers[f"{name}_nf4_absmax"] = _by_layer(_nf4_jit, w)
   out["layers"] = layers
   return out
+
+
+_int8_jit = jax.jit(int8_quantize, static_argnums=1)
+_nf4_jit = jax.jit(nf4_quantize)
+
+
+def _by_layer(fn, w, *args) -> tuple[jax.Array, ...]:
+  """fn(w[l:l+1], *args) for each layer l, joined: the fp32 temporaries of one layer at a time (a whole 0.5B MLP
+  stack at once: int8 0.4 GB, nf4 2.4 GB of XLA temp)."""
+  parts = [fn(w[l:l + 1], *args) for l in range(w.shape[0])]
+  return tuple(jnp.concatenate(p) for p in zip(*parts))
 
 
 def dequantize_base(params: dict, shapes: dict, dtype=jnp.float32) -> dict:

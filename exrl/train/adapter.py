@@ -64,9 +64,17 @@ class Adapter:
     """The params the sampler and evaluation run: the base with the adapter applied on the fly."""
     return lora.combine(self.base, trainable, self.cfg) if self.cfg.on else trainable
 
-  def place_base(self, mesh, state_param_shardings) -> dict:
+  def release(self) -> None:
+    """Full fine-tuning with no reference read: forget the loaded tree once the train state holds its copy."""
+    if self.cfg.on:
+      raise ValueError("release() is for full fine-tuning; a LoRA run's base is its model and its reference")
+    self.trainable = self.base = None
+
+  def place_base(self, mesh, state_param_shardings) -> dict | None:
     """The frozen base on the mesh: with LoRA off, in the train state's param shardings (the reference as
-    before), else in its own, from the (quantised) base's logical axes."""
+    before; None once released), else in its own, from the (quantised) base's logical axes."""
+    if self.base is None:
+      return None
     if not self.cfg.on:
       return jax.device_put(self.base, state_param_shardings)
     axes = quant.quantized_axes(self.base, decoder.param_axes(self.model_config))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import time
 from typing import Callable, Literal, Sequence
@@ -91,8 +92,10 @@ class RLConfig:
   stale: Literal["drop", "rescore"] = "drop"
   async_schedule: Literal["free", "deterministic"] = "free"  # deterministic: batch s sampled by version s - max_lag
   # free schedule, max_lag > 0: new weights reach the generation in progress between decode steps (exrl.rollout.
-  # versioned, the continuous engine's decode step whatever sampling.engine); False: between batches
+  # versioned, the continuous engine's decode step whatever sampling.engine); False: between batches.
+  # inflight_every: decode steps between checks for new weights (each check is a host round trip)
   inflight: bool = True
+  inflight_every: int = 8
   trackers: tuple[TrackerName, ...] = ("tensorboard",)  # besides metrics.jsonl (exrl.infra.trackers)
 
   def __post_init__(self):
@@ -112,7 +115,7 @@ class RLConfig:
     if self.pack_width < 0:
       raise ValueError(f"RLConfig.pack_width={self.pack_width} must be >= 0 (0 turns packing off)")
     for name in ("steps", "prompts_per_step", "num_microbatches", "inner_epochs", "checkpoint_every",
-                 "keep_checkpoints", "max_skips_in_row"):
+                 "keep_checkpoints", "max_skips_in_row", "inflight_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"RLConfig.{name}={getattr(self, name)} must be >= 1")
     check_trackers(self.trackers, "RLConfig.trackers")
@@ -167,6 +170,10 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
   adapter = Adapter(cfg.lora, model_config, params, cfg.seed)  # the identity unless cfg.lora.rank > 0
   ref_params = adapter.base  # with LoRA: the frozen base, the adapter off
   del params  # the adapter holds what the run needs: a caller that dropped its tree frees an unquantised base
+  gc.collect()  # now, not at some later collection: arrays in reference cycles (jit tracing) held 0.3 GB of it
+  # Full fine-tuning whose loss and collector never read the reference (kl_beta 0, no KL monitor, online
+  # annotator) keeps no reference: the train state's copy of the weights is the only one.
+  keep_ref = cfg.lora.on or cfg.loss.kl_beta > 0 or getattr(collector, "with_ref", True)
   bar_fields = {"reward": "reward_mean", "acc": "accuracy", "sc": "self_certainty_reward", "len": "response_len",
                 "kl": "kl"}
   final_eval = {}
@@ -179,9 +186,12 @@ def train_rl(cfg: RLConfig, model_config: ModelConfig, params, tokenizer, source
                                      fp32_head=cfg.fp32_head,
                                      mesh=mesh_lib.make_mesh(cfg.mesh) if cfg.vocab_parallel else None)),
                   keep_checkpoints=cfg.keep_checkpoints,
-                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl", frozen_shardings_like_params=not cfg.lora.on,
-                  restart=cfg.restart, frozen=ref_params, allow_config_change=cfg.allow_config_change,
-                  trackers=cfg.trackers) as run:
+                  total_steps=cfg.steps, bar_fields=bar_fields, desc="rl",
+                  frozen_shardings_like_params=not cfg.lora.on and keep_ref,
+                  restart=cfg.restart, frozen=ref_params if keep_ref else None,
+                  allow_config_change=cfg.allow_config_change, trackers=cfg.trackers) as run:
+      if not keep_ref:
+        adapter.release()
       prompts = _prompts_per_process(cfg, run.mesh, source)
       ref_params = adapter.place_base(run.mesh, run.state_shardings.params)
       if run.start:

@@ -161,6 +161,7 @@ def open_run(run_dir: str | Path, cfg: Any, model_config: ModelConfig, params, *
                    bar_fields=bar_fields, desc=desc, frozen_shardings_like_params=frozen_shardings_like_params,
                    restart=restart, frozen=frozen, trackers=trackers, cfg_json=config_json(cfg),
                    write_config=lambda start: lineage.commit(run_dir, record, pending, start)) as run:
+      del params, frozen  # the state holds its own copy: a caller that drops its tree (no reference needed) frees it
       yield run
 
 
@@ -195,6 +196,7 @@ def _open_run(run_dir: Path, model_config: ModelConfig, params, *, optimizer, lo
     if jax.process_index() == 0:
       write_config(start)
     bar = ProgressBar(total_steps, dict(bar_fields), initial=start, desc=desc)
+    del params, frozen  # as in open_run: not needed past set-up
     yield Run(run_dir, mesh, state, state_sh, step_fn, ckpt, writer, bar, start, meta or {})
   finally:
     if bar is not None:
