@@ -17,7 +17,7 @@ def generate(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_
   """`num_samples` completions of each left-padded prompt, rows of a prompt adjacent (as `sampler.sample`).
 
   engine="static": `sampler.sample(..., key, ...)`, unchanged. engine="continuous": `continuous.run` on
-  min(sampling.slots, rows) slots with request u keyed fold_in(key, u) (so sample g of prompt u equals
+  min(sampling.slots or rows, rows) slots with request u keyed fold_in(key, u) (so sample g of prompt u equals
   `sampler.sample(..., keys_B=continuous.row_keys(...))`, not the static engine's shared-key draw); its outputs are
   host-built arrays of the same shapes. The continuous engine runs in one process (raises under multi-process JAX).
   """
@@ -32,24 +32,27 @@ def generate(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_
   U, P = tokens_UxP.shape
   requests = [continuous.Request(tokens_UxP[u][valid_UxP[u]].tolist(), num_samples, None, jax.random.fold_in(key, u))
               for u in range(U)]
-  res, _ = continuous.run(config, params, requests, sampling, slots=min(sampling.slots, U * num_samples),
-                          prompt_len=P)
+  rows = U * num_samples
+  res, _ = continuous.run(config, params, requests, sampling, slots=min(sampling.slots or rows, rows), prompt_len=P)
   rows = [r for per_request in res for r in per_request]
   return _output(tokens_UxP, valid_UxP, num_samples, lambda name: np.stack([getattr(r, name) for r in rows]))
 
 
 def generate_versioned(config: ModelConfig, params_fn, prompt_tokens_UxP, prompt_valid_UxP, key: jax.Array,
-                       sampling: SamplingConfig, num_samples: int = 1) -> tuple[SampleOutput, np.ndarray]:
+                       sampling: SamplingConfig, num_samples: int = 1,
+                       every: int = 1) -> tuple[SampleOutput, np.ndarray]:
   """As `generate` with engine="continuous", but with in-flight weight switches (`exrl.rollout.versioned`):
-  params_fn(decode_step) -> (version, params) before every decode step. Returns (output, version_BxN: the policy
-  version that sampled each token, -1 where none). Tokens equal engine="continuous"'s while the params stay the same.
+  params_fn(decode_step) -> (version, params) before decode steps 0, every, 2 * every, ... Returns (output,
+  version_BxN: the policy version that sampled each token, -1 where none). Tokens equal engine="continuous"'s while
+  the params stay the same.
   """
   if jax.process_count() > 1:
     raise ValueError("in-flight weight switches run in one process (the continuous engine's decode step)")
   sampler.check_inputs(config, prompt_tokens_UxP, prompt_valid_UxP, sampling)
   tokens_UxP, valid_UxP = np.asarray(prompt_tokens_UxP, np.int32), np.asarray(prompt_valid_UxP, bool)
   out = versioned.generate(config, params_fn, [t[v].tolist() for t, v in zip(tokens_UxP, valid_UxP)], sampling,
-                           num_samples=num_samples, prompt_len=tokens_UxP.shape[1], key=key)
+                           num_samples=num_samples, prompt_len=tokens_UxP.shape[1], key=key,
+                           every=every)
   return _output(tokens_UxP, valid_UxP, num_samples, out.__getitem__), out["version"]
 
 

@@ -60,7 +60,9 @@ class SamplingConfig:
   pad_id: int | None = None
   head_dtype: str | None = None
   engine: Literal["static", "continuous"] = "static"
-  slots: int = 64  # continuous engine: decode slots (fewer if a call has fewer rows)
+  # continuous engine: decode slots, capped at a call's rows. 0: one per row, the static batch's KV memory (fewer
+  # slots than rows refill freed slots from a queue, which pays off for long-tailed lengths: docs/rollout.md)
+  slots: int = 0
   think_budget: int = 0  # 0: no length interruption
   interrupt_text: str = "Time is up. The final answer is"
   layer_loop: Literal["auto", "unroll", "scan"] = "auto"
@@ -84,8 +86,8 @@ class SamplingConfig:
                        f"'bfloat16'")
     if self.engine not in ("static", "continuous"):
       raise ValueError(f"engine={self.engine!r}; must be 'static' or 'continuous'")
-    if self.slots < 1:
-      raise ValueError(f"slots={self.slots}; must be >= 1")
+    if self.slots < 0:
+      raise ValueError(f"slots={self.slots}; must be >= 1, or 0 for one slot per row of a call")
     if self.think_budget < 0 or self.answer_budget < 1:
       raise ValueError(f"think_budget={self.think_budget} must be >= 0 (0: off) and answer_budget="
                        f"{self.answer_budget} >= 1")

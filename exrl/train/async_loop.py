@@ -97,7 +97,7 @@ def make_generate(cfg, collector, source, prompts: int, worker_ref, start_key_da
     chain["key"], key = jax.random.split(chain["key"])  # as next_key: the worker runs the steps in order
     with source_lock:
       problems = source.batch(step, prompts)
-    feed = versioned.Feed((version, params), box.latest) if inflight else params
+    feed = versioned.Feed((version, params), box.latest, cfg.inflight_every) if inflight else params
     with pool_lock:
       exp = collector.collect(feed, worker_ref, problems, key)
     return (problems, exp), group_min_version(exp, version)

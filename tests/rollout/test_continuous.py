@@ -1,5 +1,7 @@
 """The continuous-batching engine against the static sampler (same per-row keys), a fresh forward pass, and a
 hand-built length interruption."""
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -105,6 +107,12 @@ def test_logprobs_equal_fresh_forward_through_the_dispatch(params):
   assert mask.sum() == len(PROMPTS) * G * 12
   np.testing.assert_allclose(np.asarray(out.logp_BxN)[mask], want[mask], atol=2e-4)
   np.testing.assert_array_equal(np.asarray(out.seq_positions_BxS), np.asarray(decoder.default_positions(valid)))
+  # slots=0 (the default) is one slot per row; results never depend on the slot count
+  every_row = engine.generate(CFG, params, tok, val, jax.random.key(5), dataclasses.replace(s, slots=0), G)
+  np.testing.assert_array_equal(np.asarray(every_row.tokens_BxN), np.asarray(out.tokens_BxN))
+  np.testing.assert_allclose(np.asarray(every_row.logp_BxN), np.asarray(out.logp_BxN), atol=1e-6)
+  with pytest.raises(ValueError, match="slots=-1"):
+    dataclasses.replace(s, slots=-1)
 
 
 def test_length_interruption_hand_built(params):

@@ -148,6 +148,29 @@ def test_version_tags_across_an_in_flight_switch():
   assert (switched["min_version"] == 0).all()
 
 
+def test_weight_checks_every_k_steps():
+  """every=4: params_fn is asked at decode steps 0, 4, ...; a version published at step 3 takes effect at step 4,
+  and the tokens drawn in between stay tagged with (and drawn by) the older version."""
+  p0, p1 = decoder.init_params(CFG, jax.random.key(0)), decoder.init_params(CFG, jax.random.key(1))
+  s = SamplingConfig(max_new_tokens=8, temperature=1.0)
+  key, asked = jax.random.key(7), []
+
+  def params_fn(d):
+    asked.append(d)
+    return (0, p0) if d < SWITCH else (1, p1)
+
+  got = versioned.generate(CFG, params_fn, PROMPTS, s, num_samples=G, prompt_len=P, key=key, every=4)
+  assert asked == [0, 4]
+  at4 = versioned.generate(CFG, lambda d: (0, p0) if d < 4 else (1, p1), PROMPTS, s, num_samples=G, prompt_len=P,
+                           key=key)  # every=1, switching at step 4: the same tokens and tags
+  for name in ("tokens", "logp", "version", "min_version"):
+    np.testing.assert_array_equal(got[name], at4[name])
+  live = got["version"] >= 0
+  np.testing.assert_array_equal(got["version"][live], np.where(np.nonzero(live)[1] < 4, 0, 1))
+  with pytest.raises(ValueError, match="every=0"):
+    versioned.generate(CFG, params_fn, PROMPTS, s, num_samples=G, prompt_len=P, key=key, every=0)
+
+
 def test_stale_groups_are_dropped_or_rescored():
   rows = {"group_id": np.array([0, 0, 1, 1]), "loss_mask": np.ones((4, 3), np.float32),
           "old_logp": np.full((4, 3), -1.0, np.float32)}
@@ -169,7 +192,8 @@ def test_inflight_switch_inside_the_worker(tmp_path, monkeypatch):
   tokenizer = common.build_tokenizer([task], tmp_path, seed=0)
   config, p0 = common.init_model(mini_rl.TINY, tokenizer, 0)
   _, p1 = common.init_model(mini_rl.TINY, tokenizer, 1)
-  cfg = RLConfig(prompts_per_step=2, group_size=2, max_lag=2, kl_monitor=False, loss=LossConfig(kl_beta=0.0),
+  cfg = RLConfig(prompts_per_step=2, group_size=2, max_lag=2, inflight_every=1, kl_monitor=False,
+                 loss=LossConfig(kl_beta=0.0),
                  sampling=SamplingConfig(max_new_tokens=8, stop_token_ids=(config.vocab_size + 1,)))
   collector = GroupCollector(cfg, config, tokenizer, verify=task.verify, pool=pool_lib.default_pool())
   sched = None

@@ -60,7 +60,8 @@ class GroupCollector(core.CollectorBase):
       if cfg.inner_epochs > 1:
         raise ValueError(f"in-flight weight switches need inner_epochs=1 (got {cfg.inner_epochs}): the sampler's "
                          f"per-token log-probs are the behaviour policy's")
-      out, version_BxN = generate_versioned(self.model_config, params, *prompts, key, self.sampling, num_samples=G)
+      out, version_BxN = generate_versioned(self.model_config, params, *prompts, key, self.sampling, num_samples=G,
+                                            every=params.every)
       params = params.first[1]  # unused past sampling with one inner epoch; a tree, not the feed, for `score`
     else:
       out = generate(self.model_config, params, *prompts, key, self.sampling, num_samples=G)  # static | continuous
