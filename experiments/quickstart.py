@@ -36,6 +36,7 @@ from exrl.tasks.math_data import extract_answer
 from exrl.train.evaluate import EvalConfig, answer_probe, evaluate
 from exrl.infra import runlock
 from exrl.infra.plot import plot_runs
+from exrl.models import lora, quant
 from exrl.train.rl_loop import RLConfig, train_rl
 from exrl.train.sft import SFTConfig, train_sft
 from exrl.train.state import OptimConfig
@@ -103,9 +104,12 @@ def main(cfg: Config) -> dict:
     raise ValueError(f"arms={cfg.arms!r}; valid: 'grpo', 'intuitor' (one or both)")
   for i, (name, reward) in enumerate(arms.items()):
     print(f"[quickstart] {3 + i}/4 RL arm {name!r} (reward={reward})", flush=True)
-    state, results[name] = train_rl(rl_config(cfg, name, reward), model_config, base, tokenizer,
+    arm_cfg = rl_config(cfg, name, reward)
+    state, results[name] = train_rl(arm_cfg, model_config, base, tokenizer,
                                     TaskSource(task, seed=cfg.seed), eval_problems=eval_problems, verify=task.verify)
-    params_of[name] = state.params
+    # A LoRA arm's state is the adapter alone: the probe samples it on the base it was trained on.
+    params_of[name] = (lora.combine(quant.quantize_base(base, arm_cfg.lora.base_dtype), state.params, arm_cfg.lora)
+                       if arm_cfg.lora.on else state.params)
 
   probes = {name: answer_probe(model_config, params_of[name], tokenizer, eval_problems[:cfg.probe_problems],
                                extract_answer, cfg.rl.sampling, samples=8, seed=cfg.seed + 2) for name in results}
