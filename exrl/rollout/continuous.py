@@ -82,7 +82,10 @@ class RunStats:
 
 def row_keys(keys_U: Sequence[jax.Array], num_samples: Sequence[int]) -> jax.Array:
   """Per-row keys [sum(G)] for requests with keys_U and G samples each: sample g of request u gets fold_in(key_u, g)."""
-  return jnp.stack([jax.random.fold_in(k, g) for k, n in zip(keys_U, num_samples) for g in range(n)])
+  u_R = np.repeat(np.arange(len(num_samples)), num_samples)
+  g_R = np.concatenate([np.arange(n) for n in num_samples]).astype(np.uint32)
+  # one batched fold_in: one eager fold_in per row was 55% of a quickstart-sized run's wall time
+  return jax.vmap(jax.random.fold_in)(jnp.stack(list(keys_U))[u_R], g_R)
 
 
 def buckets(slots: int) -> list[int]:
@@ -295,6 +298,8 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
   budgets = _budgets(requests, sampling, P)
   base_key = jax.random.key(0) if key is None else key
   req_keys = [jax.random.fold_in(base_key, u) if r.key is None else r.key for u, r in enumerate(requests)]
+  all_keys = np.asarray(jax.random.key_data(row_keys(req_keys, [r.num_samples for r in requests])))
+  first_row = np.cumsum([0] + [r.num_samples for r in requests])
   t0 = time.perf_counter()
   stats = RunStats(slots=S)
   params = _unstack_jit(params)
@@ -319,7 +324,7 @@ def run(config: ModelConfig, params: dict, requests: Sequence[Request], sampling
         take = min(len(free), r.num_samples - next_sample)
         placed = free[:take]
         free = free[take:]
-        rk = np.asarray(jax.random.key_data(row_keys([req_keys[u]], [r.num_samples])))
+        rk = all_keys[first_row[u]:first_row[u] + r.num_samples]
         for j, s in enumerate(placed):
           owner[s] = (u, next_sample + j)
           slot_M.append(s)
