@@ -9,11 +9,11 @@
 4. evaluates base, GRPO and Intuitor on held-out problems (pass@1 at T=1 and greedy, 95% Wilson CIs),
    prints a table, and writes results.json and PNG learning curves into the run folder.
 
-Runtime: 301 s on 2 idle CPU cores. Result (jax 0.10.2, seed 0, 500 held-out problems, pass@1 / greedy, 95% CIs;
-another CPU model can give other numbers, see README.md):
-  base      0.494 [0.450, 0.538] / 0.770 [0.731, 0.805]
-  grpo      0.604 [0.560, 0.646] / 0.836 [0.801, 0.866]
-  intuitor  0.002 [0.000, 0.011] / 0.000 [0.000, 0.008]   (collapses; see README.md)
+Result (jax 0.10.2, seed 0, 500 held-out problems, pass@1 / greedy, 95% CIs; 3,090 s on the 2-core dev box
+shared with other jobs, load average ~12; another CPU model can give other numbers, see README.md):
+  base      0.276 [0.239, 0.317] / 0.452 [0.409, 0.496]
+  grpo      0.346 [0.306, 0.389] / 0.528 [0.484, 0.571]
+  intuitor  0.004 [0.001, 0.014] / 0.006 [0.002, 0.017]   (collapses; see README.md)
 The last stdout line is the JSON result, also written to runs/quickstart/results.json.
 """
 from __future__ import annotations
