@@ -94,6 +94,11 @@ def test_quantised_base_runs_like_its_dequantised_weights(base_dtype):
   adapter = _perturbed(adapter)
   q = quant.quantize_base(params, base_dtype)
   assert not any(k in q["layers"] for k in quant.PROJECTIONS)
+  if base_dtype == "int8":  # quantised layer by layer, as the numpy formula over each whole stack
+    for name in quant.PROJECTIONS:
+      w = np.asarray(params["layers"][name], np.float32)
+      scale = np.abs(w).max(axis=tuple(range(1, 1 + quant.N_IN.get(name, 1))), keepdims=True) / 127
+      np.testing.assert_array_equal(np.asarray(q["layers"][f"{name}_int8"]), np.clip(np.round(w / scale), -127, 127))
   dq = quant.dequantize_base(q, decoder.param_shapes(CONFIG))
   chex.assert_trees_all_close(_logits(lora.combine(q, adapter, LORA), tokens),
                               _logits(lora.combine(dq, adapter, LORA), tokens), atol=1e-5)
@@ -139,33 +144,17 @@ def test_sampler_holds_no_copy_of_the_layer_weights(base_dtype):
   assert temp < 0.35 * layer_bytes, (temp, layer_bytes)  # one layer at a time: ~1/8 of them, plus small buffers
 
 
-@pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
-def test_quantize_base_layer_by_layer_equals_whole_stack(base_dtype):
-  params, _, _ = _setup()
-  q = quant.quantize_base(params, base_dtype)
-  for name in quant.PROJECTIONS:
-    w = params["layers"][name]
-    whole = quant.int8_quantize(w, quant.N_IN.get(name, 1)) if base_dtype == "int8" else quant.nf4_quantize(w)
-    suffixes = ("int8", "int8_scale") if base_dtype == "int8" else ("nf4", "nf4_absmax")
-    for suffix, want in zip(suffixes, whole):
-      np.testing.assert_array_equal(np.asarray(q["layers"][f"{name}_{suffix}"]), np.asarray(want))
-
-
 def test_quantised_base_on_cpu_reads_its_head_without_an_fp32_copy():
   """XLA:CPU casts a bf16 matrix that a dot reads to fp32 whole: the int8 / nf4 base holds the embedding (the tied
-  head) in fp32 there, so the compiled sampler's temp stays well under one fp32 embedding."""
-  assert jax.default_backend() == "cpu"
-  config = ModelConfig(vocab_size=16384, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
+  head) in fp32 there, so the compiled sampler's temp stays well under one fp32 embedding (a bf16 head: >= 1x)."""
+  assert jax.default_backend() == "cpu" and quant.dense_dtype() == jnp.float32
+  config = ModelConfig(vocab_size=16384, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
                        num_kv_heads=1, head_dim=32, tie_word_embeddings=True)
   params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.bfloat16), decoder.param_shapes(config),
                         is_leaf=lambda x: isinstance(x, tuple))
-  embed_fp32 = 4 * config.vocab_size * config.hidden_size
-  tokens, valid = jax.ShapeDtypeStruct((2, 8), jnp.int32), jax.ShapeDtypeStruct((2, 8), bool)
-  temps = {}
-  for dense in (jnp.float32, jnp.bfloat16):
-    base = jax.eval_shape(lambda p: quant.quantize_base(p, "int8", dense), params)
-    compiled = jax.jit(generate, static_argnums=(0, 1)).lower(
-        config, SamplingConfig(max_new_tokens=4, layer_loop="scan"), base, tokens, valid, jax.random.key(0)).compile()
-    temps[dense] = compiled.memory_analysis().temp_size_in_bytes
-  assert quant.dense_dtype() == jnp.float32
-  assert temps[jnp.float32] < 0.5 * embed_fp32 <= temps[jnp.bfloat16], temps  # the bf16 head: an fp32 copy
+  base = jax.eval_shape(lambda p: quant.quantize_base(p, "int8"), params)
+  assert base["embed"].dtype == jnp.float32
+  compiled = jax.jit(generate, static_argnums=(0, 1)).lower(
+      config, SamplingConfig(max_new_tokens=2, layer_loop="scan"), base, jax.ShapeDtypeStruct((2, 4), jnp.int32),
+      jax.ShapeDtypeStruct((2, 4), bool), jax.random.key(0)).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * 4 * config.vocab_size * config.hidden_size
