@@ -12,8 +12,9 @@ so the decoder's modules find it by name (`modules._param` dequantises one layer
 
 Only the seven projection matrices are quantised, as in QLoRA; the embedding (also the tied LM head), norms and
 biases stay in bf16, or in fp32 on XLA:CPU (`dense_dtype`), which casts a bf16 matrix read by a dot or sliced in a
-loop to fp32 whole: the head's cast was an fp32-embedding-sized temp in the sampler, the scorer and the train step. Unlike bitsandbytes, the absmax is kept in float32 (no double quantisation: it is 1/16
-of a byte per weight) and dequantisation is plain XLA (no fused 4-bit matmul), so int8/nf4 save memory, not time.
+loop to fp32 whole: the head's cast was an fp32-embedding-sized temp in the sampler, the scorer and the train step.
+Unlike bitsandbytes, the absmax is kept in float32 (no double quantisation: it is 1/16 of a byte per weight) and
+dequantisation is plain XLA (no fused 4-bit matmul), so int8/nf4 save memory, not time.
 """
 from __future__ import annotations
 
