@@ -36,9 +36,21 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (same empty state, same result up to rounding) as one scalar factor times each
+  leaf: optax's select(norm < max, g, g / norm * max) materialises a second gradient tree inside the update (its
+  divide is too costly for XLA to fuse into both Adam moments), 1.9 GB for Qwen2.5-0.5B in fp32."""
+  def update(updates, state, params=None):
+    del params
+    factor = max_norm / jnp.maximum(optax.tree.norm(updates), max_norm)  # 1 below the threshold
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
   return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
+      clip_by_global_norm(cfg.grad_clip),
       optax.adamw(make_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
 
 
