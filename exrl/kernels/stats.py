@@ -23,15 +23,23 @@ class TokenStats(NamedTuple):
   ref_lse: Optional[jax.Array] = None
 
 
-def check_inputs(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD=None, ref_w_DxV=None, temperature=1.0):
-  """Raises ValueError naming the mismatch; checks target range only when targets are concrete (not traced)."""
+LAYOUTS = ("DxV", "VxD")  # how w (and ref_w) are given: [D, V], or [V, D] as a tied head's embedding is stored
+
+
+def check_inputs(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD=None, ref_w_DxV=None, temperature=1.0, layout="DxV"):
+  """Raises ValueError naming the mismatch; checks target range only when targets are concrete (not traced).
+  layout "VxD": w and ref_w are [V, D]."""
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
   if hidden_NxD.ndim != 2 or w_DxV.ndim != 2:
-    raise ValueError(f"hidden must be [N, D] and w [D, V]; got hidden {hidden_NxD.shape}, w {w_DxV.shape}")
-  n, d = hidden_NxD.shape
-  d_w, v = w_DxV.shape
-  if d != d_w:
-    raise ValueError(f"hidden has D={d} but w has D={d_w} (w must be [D, V]); got hidden {hidden_NxD.shape}, "
+    raise ValueError(f"hidden must be [N, D] and w [{', '.join(layout.split('x'))}]; got hidden {hidden_NxD.shape}, "
                      f"w {w_DxV.shape}")
+  dv = (lambda w: w.shape) if layout == "DxV" else (lambda w: w.shape[::-1])  # (D, V) whatever the layout
+  n, d = hidden_NxD.shape
+  d_w, v = dv(w_DxV)
+  if d != d_w:
+    raise ValueError(f"hidden has D={d} but w has D={d_w} (w must be [{', '.join(layout.split('x'))}]); got hidden "
+                     f"{hidden_NxD.shape}, w {w_DxV.shape}")
   if targets_N.shape != (n,):
     raise ValueError(f"targets must be [N]=({n},) to match hidden {hidden_NxD.shape}; got {targets_N.shape}")
   if not jnp.issubdtype(targets_N.dtype, jnp.integer):
@@ -51,9 +59,10 @@ def check_inputs(hidden_NxD, w_DxV, targets_N, ref_hidden_NxD=None, ref_w_DxV=No
                        f"{ref_w_DxV.shape}")
     if ref_hidden_NxD.shape[0] != n:
       raise ValueError(f"ref_hidden has N={ref_hidden_NxD.shape[0]} but hidden has N={n}")
-    if ref_hidden_NxD.shape[1] != ref_w_DxV.shape[0]:
-      raise ValueError(f"ref_hidden has D={ref_hidden_NxD.shape[1]} but ref_w has D={ref_w_DxV.shape[0]}")
-    if ref_w_DxV.shape[1] != v:
-      raise ValueError(f"ref_w has V={ref_w_DxV.shape[1]} but w has V={v}; both must cover the same vocabulary")
+    d_ref, v_ref = dv(ref_w_DxV)
+    if ref_hidden_NxD.shape[1] != d_ref:
+      raise ValueError(f"ref_hidden has D={ref_hidden_NxD.shape[1]} but ref_w has D={d_ref}")
+    if v_ref != v:
+      raise ValueError(f"ref_w has V={v_ref} but w has V={v}; both must cover the same vocabulary")
   if not isinstance(temperature, (int, float)) or not temperature > 0:
     raise ValueError(f"temperature must be a positive Python float (static); got {temperature!r}")

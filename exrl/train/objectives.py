@@ -51,19 +51,24 @@ def shifted_stats(config: ModelConfig, params, mb: dict, *, ref_params=None, rem
   h_NxD = h_NxD.astype(head_dtype) if fp32_head else h_NxD
   targets_N = inputs[0][:, 1:].reshape(-1)
   scale = lambda w: w if temperature == 1.0 else w / temperature
-  w_DxV = scale(decoder.unembed_matrix(config, params).astype(head_dtype))
+  sharded = vocab_parallel(mesh, config.vocab_size)
+  # A tied head is read as the [V, D] embedding it is (no transposed fp32 copy, its gradient lands as [V, D]);
+  # the vocab-parallel path shards [D, V] columns and keeps the transpose.
+  layout = "VxD" if config.tie_word_embeddings and not sharded else "DxV"
+  head = lambda p: scale((p["embed"] if layout == "VxD" else decoder.unembed_matrix(config, p)).astype(head_dtype))
+  w_head = head(params)  # [V, D] or [D, V], per layout
   ref = {}
   if ref_params is not None:
     ref_hidden = decoder.hidden_states(config, ref_params, *inputs)
     ref["ref_hidden_NxD"] = jax.lax.stop_gradient(ref_hidden[:, :-1].reshape(B * (T - 1), -1).astype(h_NxD.dtype))
-    ref["ref_w_DxV"] = jax.lax.stop_gradient(scale(decoder.unembed_matrix(config, ref_params).astype(head_dtype)))
-  if vocab_parallel(mesh, w_DxV.shape[1]):
+    ref["ref_w_DxV"] = jax.lax.stop_gradient(head(ref_params))
+  if sharded:
     # Tokens stay split over (data, fsdp) as the step's rows are; replicated if they do not divide evenly.
     token_axes = mesh_lib.BATCH_AXES if h_NxD.shape[0] % mesh_lib.batch_divisor(mesh) == 0 else None
-    stats = token_stats_vocab_sharded(h_NxD, w_DxV, targets_N, mesh=mesh, implementation=implementation,
+    stats = token_stats_vocab_sharded(h_NxD, w_head, targets_N, mesh=mesh, implementation=implementation,
                                       token_axes=token_axes, **ref)
   else:
-    stats = kernels.token_stats(h_NxD, w_DxV, targets_N, implementation=implementation, **ref)
+    stats = kernels.token_stats(h_NxD, w_head, targets_N, implementation=implementation, layout=layout, **ref)
   if packed:  # unpack_index [Bm, T-1] points each row token's statistic at its slot in the bins
     return jax.tree.map(lambda x: x[mb["unpack_index"]], stats)
   return jax.tree.map(lambda x: x.reshape(B, T - 1), stats)

@@ -1,4 +1,6 @@
 """kernels.token_stats: the chunked-XLA implementation and the API against the reference and a numpy oracle."""
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -118,3 +120,31 @@ def test_bad_inputs_name_the_mismatch():
     kernels.token_stats(h, w, t, temperature=0.0)
   with pytest.raises(ValueError, match="D=8.*D=7"):  # shapes are still checked under jit
     jax.jit(lambda h, w, t: kernels.token_stats(h, w, t))(h, w[:7], t)
+
+
+# ----------------------------------------------------------------------------- layout "VxD" (a tied head as stored)
+
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("n,d,v,block,with_ref", CASES[:2] + CASES[2:3])
+def test_vxd_layout_matches_dxv_reference(impl, n, d, v, block, with_ref):
+  # Oracle: the reference on the [D, V] matrix; the [V, D] layout must give the same values and dW transposed.
+  h, w, t, ref = make_inputs(n + v + 1, n, d, v, with_ref=with_ref)
+  ref_vxd = {k: (x.T if k == "ref_w_DxV" else x) for k, x in ref.items()}
+  fn = functools.partial(xla.token_stats, block_v=block) if impl == "xla" else reference.token_stats
+  got, g_got = stats_and_grads(fn, h, w.T, t, ref_vxd, temperature=0.7, layout="VxD")
+  want, g_want = stats_and_grads(reference.token_stats, h, w, t, ref, temperature=0.7)
+  chex.assert_trees_all_close(_fields(got, with_ref), _fields(want, with_ref), rtol=RTOL, atol=ATOL)
+  chex.assert_shape(g_got[1], (v, d))
+  assert_grads_close((g_got[0], g_got[1].T), g_want)
+
+
+def test_vxd_layout_checks_shapes_and_name():
+  h, w, t, ref = make_inputs(9, 4, 8, 50)
+  with pytest.raises(ValueError, match=r"D=8 but w has D=50 \(w must be \[V, D\]\)"):
+    kernels.token_stats(h, w, t, layout="VxD")  # a [D, V] matrix passed as [V, D]
+  with pytest.raises(ValueError, match="ref_w has V=40 but w has V=50"):
+    kernels.token_stats(h, w.T, t, ref_hidden_NxD=ref["ref_hidden_NxD"], ref_w_DxV=ref["ref_w_DxV"][:, :40].T,
+                        layout="VxD")
+  with pytest.raises(ValueError, match="layout must be one of"):
+    kernels.token_stats(h, w, t, layout="DV")

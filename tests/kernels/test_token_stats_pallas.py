@@ -50,3 +50,15 @@ def test_block_shapes_must_respect_tpu_tiling():
     pallas.token_stats(h, w, t, block_v=100)
   with pytest.raises(ValueError, match="block_n=12 must be a multiple of 8"):
     pallas.token_stats(h, w, t, block_n=12, block_v=128)
+
+
+def test_api_transposes_a_vxd_head_for_pallas():
+  # The Pallas kernel takes [D, V]; kernels.token_stats transposes a [V, D] head for it (values and dW as [V, D]).
+  from exrl import kernels
+  h, w, t, ref = make_inputs(3, 8, 8, 256, with_ref=True)
+  ref_vxd = {**ref, "ref_w_DxV": ref["ref_w_DxV"].T}
+  got, g_got = stats_and_grads(kernels.token_stats, h, w.T, t, ref_vxd, implementation="pallas", layout="VxD")
+  want, g_want = stats_and_grads(reference.token_stats, h, w, t, ref)
+  chex.assert_trees_all_close(got.logp, want.logp, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(got.kl, want.kl, rtol=RTOL, atol=ATOL)
+  chex.assert_trees_all_close(g_got[1].T, g_want[1], rtol=RTOL, atol=RTOL * float(jnp.max(jnp.abs(g_want[1]))))
