@@ -160,7 +160,7 @@ def main(args: Args) -> dict:
         f"model {args.model} ({config.model_type}, V={config.vocab_size}); reward={args.rl.reward}", flush=True)
   lora_cfg = dataclasses.replace(args.rl.lora, base_path=str(Path(args.model).resolve()))  # recorded in checkpoints
   # The trainer gets the only reference to the loaded weights (a LoRA run may hold its base as int8 / nf4 and
-  # drop the rest); the LoRA export re-reads the base from disk.
+  # drop the rest); the LoRA export re-reads the base from disk, one tensor at a time.
   loaded = [params]
   del params
   state, result = train_rl(dataclasses.replace(args.rl, lora=lora_cfg), config, loaded.pop(), tokenizer,
@@ -171,9 +171,8 @@ def main(args: Args) -> dict:
     export_dir = Path(args.rl.run_dir) / "hf"
     export_dtype = (hf.saved_dtype(hf.read_config_json(Path(args.model) / "config.json"), config.param_dtype)
                     if args.export_dtype == "auto" else args.export_dtype)
-    if lora_cfg.on:  # <run-dir>/hf merged, <run-dir>/peft the adapter alone
-      params = hf.load(args.model, param_dtype=args.param_dtype, compute_dtype=args.compute_dtype)[1]
-      dirs = export_lora(config, params, state.params, lora_cfg, args.rl.run_dir, dtype=export_dtype)
+    if lora_cfg.on:  # <run-dir>/hf merged (the base streamed from disk a tensor at a time), <run-dir>/peft
+      dirs = export_lora(config, args.model, state.params, lora_cfg, args.rl.run_dir, dtype=export_dtype)
       out["export_peft"] = dirs["peft"]
     else:
       export_hf(config, state.params, export_dir, dtype=export_dtype)

@@ -7,13 +7,14 @@ are the Flax `Decoder`'s own tree (`decoder.param_shapes`), so `load` feeds `Dec
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from exrl.models.config import DTYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 from exrl.models.decoder import param_shapes
@@ -199,6 +200,54 @@ def _open(file: Path):
     raise CheckpointError(f"cannot read {file}: {e} (truncated or corrupt safetensors file?)") from e
 
 
+class Reader:
+  """One tensor at a time from a checkpoint directory, in exrl's layout and `param_dtype` (numpy, on the host):
+  `top("embed" | "final_norm" | "lm_head")` and `layer(leaf, i)`. The files stay mapped until `close()`, and
+  every page read counts in this process's RSS until then."""
+
+  def __init__(self, path: str | os.PathLike, config: ModelConfig, param_dtype: str | None = None):
+    self.path, self.config = Path(path), config
+    self.dtype = DTYPES[param_dtype or config.param_dtype]
+    self.files = _weight_files(self.path)
+    self.handles: dict[Path, object] = {}
+    self.shapes = param_shapes(config)
+    self.names = _hf_names(config)
+
+  def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """HF tensor `name`, checked to be `shape`, as stored."""
+    if name not in self.files:
+      raise CheckpointError(f"tensor {name!r} is missing from {self.path}")
+    f = self.files[name]
+    if f not in self.handles:
+      self.handles[f] = _open(f).__enter__()
+    try:
+      x = self.handles[f].get_tensor(name)
+    except Exception as e:  # a truncated data section fails here, not at open
+      raise CheckpointError(f"cannot read tensor {name!r} from {f}: {e}") from e
+    if tuple(x.shape) != tuple(shape):
+      raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(x.shape)}, expected {list(shape)}")
+    return x
+
+  def _cast(self, x) -> np.ndarray:  # on the host, tensor by tensor: never an fp32 copy of a bf16 checkpoint
+    return np.asarray(x).astype(self.dtype, copy=False)
+
+  def top(self, name: str) -> np.ndarray:
+    hf_name = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+    if name == "lm_head":
+      return self._cast(self.get(hf_name[name], self.shapes["lm_head"][::-1]).T)
+    return self._cast(self.get(hf_name[name], self.shapes[name]))
+
+  def layer(self, leaf: str, i: int) -> np.ndarray:
+    template, kind = self.names[leaf]
+    per_layer = self.shapes["layers"][leaf][1:]
+    return self._cast(_to_exrl(self.get(f"model.layers.{i}.{template}", _hf_shape(per_layer, kind)), kind, per_layer))
+
+  def close(self) -> None:  # unmaps the files: the pages read so far would otherwise count in this process's RSS
+    for h in self.handles.values():
+      h.__exit__(None, None, None)
+    self.handles.clear()
+
+
 def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype: str = "float32"
          ) -> tuple[ModelConfig, dict]:
   """Load a local HF checkpoint directory into (ModelConfig, params) with params in `param_dtype`."""
@@ -209,49 +258,21 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32", compute_dtype
     raise CheckpointError(f"{path} has no config.json")
   config = config_from_hf(read_config_json(path / "config.json"), param_dtype=param_dtype,
                           compute_dtype=compute_dtype, source=path / "config.json")
-  files = _weight_files(path)
-  handles: dict[Path, object] = {}
-
-  def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    if name not in files:
-      raise CheckpointError(f"tensor {name!r} is missing from {path}")
-    f = files[name]
-    if f not in handles:
-      handles[f] = _open(f).__enter__()
-    try:
-      x = handles[f].get_tensor(name)
-    except Exception as e:  # a truncated data section fails here, not at open
-      raise CheckpointError(f"cannot read tensor {name!r} from {f}: {e}") from e
-    if tuple(x.shape) != tuple(shape):
-      raise CheckpointError(f"tensor {name!r} in {f.name} has shape {list(x.shape)}, expected {list(shape)}")
-    return x
-
-  def close() -> None:  # unmaps the files: the pages read so far would otherwise count in this process's RSS
-    for h in handles.values():
-      h.__exit__(None, None, None)
-    handles.clear()
-
-  shapes = param_shapes(config)
-  dtype = DTYPES[param_dtype]
-  # Cast on the host, leaf by leaf: no fp32 copy of a bf16 checkpoint on the host or the device (a load's peak).
-  put = lambda x: jnp.asarray(np.asarray(x).astype(dtype, copy=False))
-  params = {"embed": put(get("model.embed_tokens.weight", shapes["embed"])),
-            "final_norm": put(get("model.norm.weight", shapes["final_norm"]))}
+  reader = Reader(path, config)
+  params = {"embed": jnp.asarray(reader.top("embed")), "final_norm": jnp.asarray(reader.top("final_norm"))}
   if not config.tie_word_embeddings:
-    params["lm_head"] = put(get("lm_head.weight", shapes["lm_head"][::-1]).T)
-  close()
+    params["lm_head"] = jnp.asarray(reader.top("lm_head"))
+  reader.close()
   layers = {}
-  for leaf, (template, kind) in _hf_names(config).items():
-    per_layer = shapes["layers"][leaf][1:]
-    hf_shape = _hf_shape(per_layer, kind)
+  for leaf, shape in reader.shapes["layers"].items():
     stacked = None  # filled layer by layer: one host copy of the stack, not a list of layers plus their stack
     for i in range(config.num_layers):
-      x = _to_exrl(get(f"model.layers.{i}.{template}", hf_shape), kind, per_layer)
-      stacked = np.empty((config.num_layers, *per_layer), x.dtype) if stacked is None else stacked
+      x = reader.layer(leaf, i)
+      stacked = np.empty(shape, x.dtype) if stacked is None else stacked
       stacked[i] = x
-    layers[leaf] = put(stacked)
+    layers[leaf] = jnp.asarray(stacked)
     del stacked
-    close()
+    reader.close()
   params["layers"] = layers
   return config, params
 
@@ -279,40 +300,88 @@ def save(config: ModelConfig, params: dict, path: str | os.PathLike, *,
   dtype: the tensors' dtype on disk, a `DTYPES` name (default: config.param_dtype). Training in fp32 from a
   bf16 checkpoint and exporting with dtype="bfloat16" gives a checkpoint the size of the input.
   """
+  layers = params["layers"]
+  return save_streamed(config, lambda name: params[name], lambda leaf, i: layers[leaf][i], path,
+                       max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def save_streamed(config: ModelConfig, top: Callable[[str], object], layer: Callable[[str, int], object],
+                  path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30, dtype: str | None = None) -> Path:
+  """`save` from callbacks, one tensor at a time: `top(name)` for "embed", "final_norm" and (untied) "lm_head",
+  `layer(leaf, i)` for layer i of a stacked leaf, each array-like in exrl's layout. Every shard's safetensors
+  header is written first (from the shapes) and then each tensor as it is made, so the host holds one tensor at
+  a time (the embedding the largest), never the model. Shards hold whole tensors in HF order (embedding, layer
+  by layer, norm, head); within a file the layout is `safetensors.save_file`'s, byte for byte.
+  """
   dtype = dtype or config.param_dtype
   if dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+  np_dtype = np.dtype(_np_dtype(dtype))
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  host = lambda x: np.asarray(np.asarray(x, np.float32), _np_dtype(dtype))
-  tensors = {"model.embed_tokens.weight": host(params["embed"]), "model.norm.weight": host(params["final_norm"])}
+  shapes, names = param_shapes(config), _hf_names(config)
+
+  def host(x) -> np.ndarray:  # one tensor in the file's dtype (through fp32 when it differs, as ml_dtypes casts)
+    x = np.asarray(x)
+    return x if x.dtype == np_dtype else np.asarray(x, np.float32).astype(np_dtype)
+
+  # HF name -> (its shape, a thunk that makes it), in HF order
+  plan = {"model.embed_tokens.weight": (shapes["embed"], lambda: host(top("embed")))}
+  for i in range(config.num_layers):
+    for leaf, (template, kind) in names.items():
+      hf_shape = _hf_shape(shapes["layers"][leaf][1:], kind)
+      make = lambda leaf=leaf, i=i, kind=kind: _to_hf(host(layer(leaf, i)), kind)
+      plan[f"model.layers.{i}.{template}"] = (hf_shape, make)
+  plan["model.norm.weight"] = (shapes["final_norm"], lambda: host(top("final_norm")))
   if not config.tie_word_embeddings:
-    tensors["lm_head.weight"] = np.ascontiguousarray(host(params["lm_head"]).T)
-  for leaf, (template, kind) in _hf_names(config).items():
-    stacked = host(params["layers"][leaf])
-    for i in range(config.num_layers):
-      tensors[f"model.layers.{i}.{template}"] = np.ascontiguousarray(_to_hf(stacked[i], kind))
-  shards, current, size = [], {}, 0
-  for name, x in tensors.items():
-    if current and size + x.nbytes > max_shard_bytes:
+    plan["lm_head.weight"] = (shapes["lm_head"][::-1], lambda: host(top("lm_head")).T)
+  nbytes = {name: math.prod(shape) * np_dtype.itemsize for name, (shape, _) in plan.items()}
+  shards, current, size = [], [], 0
+  for name in plan:
+    if current and size + nbytes[name] > max_shard_bytes:
       shards.append(current)
-      current, size = {}, 0
-    current[name] = x
-    size += x.nbytes
+      current, size = [], 0
+    current.append(name)
+    size += nbytes[name]
   shards.append(current)
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    save_file(shards[0], str(path / "model.safetensors"), metadata=meta)
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, str(path / fname), metadata=meta)
-      weight_map.update({name: fname for name in shard})
-    total = sum(x.nbytes for x in tensors.values())
-    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+  files = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for fname, shard in zip(files, shards):
+    _write_safetensors(path / fname, {name: plan[name] for name in shard}, np_dtype)
+  if len(shards) > 1:
+    weight_map = {name: fname for fname, shard in zip(files, shards) for name in shard}
+    (path / _INDEX).write_text(json.dumps({"metadata": {"total_size": sum(nbytes.values())},
+                                           "weight_map": weight_map}, indent=2))
   (path / "config.json").write_text(json.dumps(config_to_hf(config, dtype), indent=2))
   return path
+
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def _write_safetensors(file: Path, tensors: dict, np_dtype: np.dtype) -> None:
+  """tensors: name -> (shape, thunk). The layout `safetensors.save_file` writes: an 8-byte little-endian header
+  length, the JSON header (`__metadata__` first, tensors by name, space-padded to 8 bytes), then the data in
+  header order. Each thunk is called once, in that order, and its array written and dropped."""
+  order = sorted(tensors)
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for name in order:
+    shape = tensors[name][0]
+    n = math.prod(shape) * np_dtype.itemsize
+    header[name] = {"dtype": _ST_DTYPES[np_dtype.name], "shape": list(shape), "data_offsets": [offset, offset + n]}
+    offset += n
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)
+  with open(file, "wb") as f:
+    f.write(len(head).to_bytes(8, "little") + head)
+    for name in order:
+      shape = tensors[name][0]
+      x = np.ascontiguousarray(tensors[name][1]())
+      if x.shape != tuple(shape) or x.dtype != np_dtype:
+        raise ValueError(f"tensor {name!r} was made as {x.dtype}{list(x.shape)}; its header says "
+                         f"{np_dtype}{list(shape)}")
+      f.write(x.reshape(-1).view(np.uint8).data)
+      del x
 
 
 def _np_dtype(name: str):

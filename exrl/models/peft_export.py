@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -47,14 +48,56 @@ def save_peft(config: ModelConfig, adapter: dict, cfg: lora.LoraConfig, path: st
   return path
 
 
-def export_lora(config: ModelConfig, base: dict, adapter: dict, cfg: lora.LoraConfig, out_dir: str | os.PathLike,
-                *, dtype: str | None = None) -> dict[str, str]:
-  """`out_dir`/peft (the adapter) and `out_dir`/hf (base + adapter merged, `hf.save` in `dtype`).
-  base: the dense or quantised base tree (a quantised one is dequantised, so the merge carries its rounding)."""
+def export_lora(config: ModelConfig, base: dict | str | os.PathLike, adapter: dict, cfg: lora.LoraConfig,
+                out_dir: str | os.PathLike, *, dtype: str | None = None) -> dict[str, str]:
+  """`out_dir`/peft (the adapter) and `out_dir`/hf (base + adapter merged, in `dtype`), equal to
+  `hf.save(config, lora.merge(base, adapter, cfg), ...)` but made and written one tensor at a time
+  (`hf.save_streamed`): the export holds about one tensor (the embedding the largest) beyond its inputs.
+  base: the base model's HF directory (read tensor by tensor in config.param_dtype, as `hf.load` reads it), or its
+  param tree, dense or quantised (dequantised a layer at a time, so the merge carries its rounding)."""
   out_dir = Path(out_dir)
-  if any(k.endswith(("_int8", "_nf4")) for k in base["layers"]):
-    from exrl.models import decoder  # the dense tree's shapes
-    base = quant.dequantize_base(base, decoder.param_shapes(config))
   peft_dir = save_peft(config, adapter, cfg, out_dir / "peft")
-  hf_dir = hf.save(config, lora.merge(base, adapter, cfg), out_dir / "hf", dtype=dtype)
+  targets = set(lora.target_names(cfg))
+  if isinstance(base, dict):
+    top, base_layer, close = (lambda name: base[name]), _tree_layer(config, base), (lambda: None)
+  else:
+    reader = hf.Reader(base, config)
+    top, base_layer, close = reader.top, reader.layer, reader.close
+
+  def read(fn, *args):  # unmap the checkpoint after each tensor: its pages would otherwise stay in RSS
+    x = fn(*args)
+    close()
+    return x
+
+  def layer(leaf: str, i: int):
+    w = read(base_layer, leaf, i)
+    return _merge_layer(w, adapter, cfg, leaf, i) if leaf in targets else w
+
+  hf_dir = hf.save_streamed(config, lambda name: read(top, name), layer, out_dir / "hf", dtype=dtype)
   return {"peft": str(peft_dir), "hf": str(hf_dir)}
+
+
+def _tree_layer(config: ModelConfig, base: dict):
+  """(leaf, i) -> layer i of `base`'s leaf, dequantised to float32 if the base holds it quantised."""
+  from exrl.models import decoder  # the dense tree's shapes
+  shapes, layers = decoder.param_shapes(config)["layers"], base["layers"]
+
+  def layer(leaf: str, i: int):
+    if leaf in layers:
+      return layers[leaf][i]
+    if f"{leaf}_int8" in layers:
+      return quant.int8_dequantize(layers[f"{leaf}_int8"][i], layers[f"{leaf}_int8_scale"][i], jnp.float32)
+    return quant.nf4_dequantize(layers[f"{leaf}_nf4"][i], layers[f"{leaf}_nf4_absmax"][i], shapes[leaf][1:],
+                                jnp.float32)
+  return layer
+
+
+def _merge_layer(w, adapter: dict, cfg: lora.LoraConfig, name: str, i: int) -> np.ndarray:
+  """Layer i of `lora.merge`: w + (alpha / r) A_i @ B_i in fp32, rounded to w's dtype."""
+  a, b = adapter["layers"][f"{name}_lora_a"][i], adapter["layers"][f"{name}_lora_b"][i]
+  r = a.shape[-1]
+  ab = jnp.asarray(a, jnp.float32).reshape(-1, r) @ jnp.asarray(b, jnp.float32).reshape(r, -1)
+  w = np.asarray(w)
+  merged = w.astype(np.float32)  # a copy, added to in place: one fp32 layer-sized temp beside the delta
+  merged += np.asarray(cfg.scale * ab).reshape(w.shape)
+  return merged.astype(w.dtype, copy=False)

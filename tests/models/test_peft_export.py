@@ -26,7 +26,8 @@ def test_peft_and_merged_exports_match_exrl(family, targets, tmp_path):
   keys = jax.random.split(jax.random.key(1), len(adapter["layers"]))
   adapter = {"layers": {k: v + 0.05 * jax.random.normal(kk, v.shape)  # nonzero B, so the adapter matters
                         for (k, v), kk in zip(sorted(adapter["layers"].items()), keys)}}
-  out = export_lora(config, params, adapter, cfg, tmp_path / "export")
+  base = tmp_path / "base" if family == "qwen2" else params  # from disk, as experiments.grpo passes it, or a tree
+  out = export_lora(config, base, adapter, cfg, tmp_path / "export")
   saved = json.loads((tmp_path / "export" / "peft" / "adapter_config.json").read_text())
   assert saved["r"] == 4 and saved["lora_alpha"] == 16.0 and saved["base_model_name_or_path"] == str(tmp_path / "base")
 
