@@ -137,21 +137,23 @@ def unstack_layers(params: dict) -> dict:
 
 
 def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positions_BxT: jax.Array,
-                valid_BxT: jax.Array, cache: dict, index: jax.Array) -> tuple[jax.Array, dict]:
+                valid_BxT: jax.Array, cache: dict, index: jax.Array, causal: bool = True) -> tuple[jax.Array, dict]:
   """Run T new tokens written at cache slots [index, index+T); returns (hidden_BxTxD, cache).
 
   All rows share slot numbering (prompts are left-padded), so a query at slot i sees the
-  valid slots <= i. params["layers"] may be stacked (scanned) or a tuple from `unstack_layers`;
+  valid slots <= i. causal=False: it sees every valid slot (the continuous engine writes one token per
+  row at a ring column, so a row's earlier tokens may sit past it; it keeps unwritten slots invalid).
+  params["layers"] may be stacked (scanned) or a tuple from `unstack_layers`;
   the cache may be stacked or per-layer (`init_cache(per_layer=True)`, layers unrolled).
   """
   if not isinstance(cache["k"], (tuple, list)):
     if isinstance(params["layers"], (tuple, list)):
       raise ValueError("unstacked params need a per-layer cache: init_cache(..., per_layer=True)")
-    return _decode_scanned(config, params, tokens_BxT, positions_BxT, valid_BxT, cache, index)
+    return _decode_scanned(config, params, tokens_BxT, positions_BxT, valid_BxT, cache, index, causal)
   # Unrolled: each layer's Block applied to its own params and cache arrays, so nothing is sliced per step.
   model, block, top = Decoder(config), Block(config), {"params": _top(params)}
   layers = params["layers"]
-  valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index)
+  valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index, causal)
   x_BxTxD = model.apply(top, tokens_BxT, method=Decoder.embed_tokens)
   rope = model.apply(top, positions_BxT, method=Decoder.rope)
   k_new, v_new = [], []
@@ -165,7 +167,8 @@ def decode_step(config: ModelConfig, params: dict, tokens_BxT: jax.Array, positi
   return h_BxTxD, {"k": tuple(k_new), "v": tuple(v_new), "valid": valid_BxS}
 
 
-def _decode_scanned(config: ModelConfig, params: dict, tokens_BxT, positions_BxT, valid_BxT, cache: dict, index):
+def _decode_scanned(config: ModelConfig, params: dict, tokens_BxT, positions_BxT, valid_BxT, cache: dict, index,
+                    causal: bool = True):
   """`decode_step` over stacked params and a stacked cache: a lax.scan over the layers (the sampler's path).
 
   Each step slices one layer's weights at a time; `unstack_layers` inside a jitted decode loop is a copy of
@@ -175,7 +178,7 @@ def _decode_scanned(config: ModelConfig, params: dict, tokens_BxT, positions_BxT
   kernel there), so a bf16 base saves no sampler memory on CPU; int8 / nf4 do.
   """
   model, block, top = Decoder(config), Block(config), {"params": _top(params)}
-  valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index)
+  valid_BxS, allowed_BxTxS = cache_mask(cache["valid"], valid_BxT, index, causal)
   x_BxTxD = model.apply(top, tokens_BxT, method=Decoder.embed_rows)
   rope = model.apply(top, positions_BxT, method=Decoder.rope)
 

@@ -184,10 +184,14 @@ def causal_mask(valid_BxT: jax.Array, segment_BxT: jax.Array | None = None) -> j
   return allowed_BxTxT
 
 
-def cache_mask(cache_valid_BxS: jax.Array, valid_BxT: jax.Array, index) -> tuple[jax.Array, jax.Array]:
-  """(valid_BxS with the T new slots [index, index+T) written, allowed_BxTxS: slot index+t sees valid slots <= it)."""
+def cache_mask(cache_valid_BxS: jax.Array, valid_BxT: jax.Array, index, causal: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+  """(valid_BxS with the T new slots [index, index+T) written, allowed_BxTxS: slot index+t sees valid slots <= it;
+  causal=False: every valid slot, for one-token steps whose caller keeps unwritten slots invalid)."""
   S = cache_valid_BxS.shape[1]
   valid_BxS = jax.lax.dynamic_update_slice(cache_valid_BxS, valid_BxT, (0, index))
+  if not causal:
+    return valid_BxS, jnp.broadcast_to(valid_BxS[:, None, :], (valid_BxS.shape[0], valid_BxT.shape[1], S))
   slots_T = index + jnp.arange(valid_BxT.shape[1])
   allowed_BxTxS = (jnp.arange(S)[None, :] <= slots_T[:, None])[None] & valid_BxS[:, None, :]
   return valid_BxS, allowed_BxTxS

@@ -42,7 +42,7 @@ def test_equals_static_sampler(params, kw):
   budgets = [[20, 13], [5, 5], [17, 2], [9, 20]]
   # 3 slots for 8 rows: rows wait in the queue and land in whatever slot frees first, beside other requests.
   res, stats = cb.run(CFG, params, [cb.Request(p, G, b, k) for p, b, k in zip(PROMPTS, budgets, keys)], s, slots=3,
-                      prompt_len=P)
+                      prompt_len=P, drain_min_steps=1)
   ref = _static(params, s, keys, budgets)
   np.testing.assert_array_equal(_stack(res, "tokens"), np.asarray(ref.tokens_BxN))
   np.testing.assert_array_equal(_stack(res, "mask"), np.asarray(ref.mask_BxN))
@@ -84,10 +84,15 @@ def test_drain_shrinks_the_decode_width(params):
   # slot-steps for 19 tokens (a fixed width would spend 16 x 4 = 64).
   s = sampler.SamplingConfig(max_new_tokens=16, greedy=True)
   reqs = [cb.Request(PROMPTS[0], 1, 16), cb.Request(PROMPTS[1], 3, 1)]
-  res, stats = cb.run(CFG, params, reqs, s, slots=4, prompt_len=P)
+  res, stats = cb.run(CFG, params, reqs, s, slots=4, prompt_len=P, drain_min_steps=1)
   assert (stats.generated, stats.decode_steps, stats.slot_steps, stats.compactions) == (19, 16, 19, 2)
   assert stats.utilisation == 1.0 and stats.prefills == 2 and stats.refills == 1
   ref = _static(params, s, [jax.random.key(0)] * 4, [[16, 1]] * 4)  # greedy: keys do not matter
+  np.testing.assert_array_equal(res[0][0].tokens, np.asarray(ref.tokens_BxN)[0])
+  # The default drain_min_steps=16: after step 1 the long row has 15 steps left, too few to pay for a gather,
+  # so all 16 steps run at width 4 (the first call stops after step 1, when the rows fit width 2), same tokens.
+  res, stats = cb.run(CFG, params, reqs, s, slots=4, prompt_len=P)
+  assert (stats.decode_steps, stats.slot_steps, stats.compactions, stats.decode_calls) == (16, 64, 0, 2)
   np.testing.assert_array_equal(res[0][0].tokens, np.asarray(ref.tokens_BxN)[0])
 
 
