@@ -30,8 +30,8 @@ def generate(config: ModelConfig, params: dict, prompt_tokens_UxP, prompt_valid_
   sampler.check_inputs(config, prompt_tokens_UxP, prompt_valid_UxP, sampling)
   tokens_UxP, valid_UxP = np.asarray(prompt_tokens_UxP, np.int32), np.asarray(prompt_valid_UxP, bool)
   U, P = tokens_UxP.shape
-  requests = [continuous.Request(tokens_UxP[u][valid_UxP[u]].tolist(), num_samples, None, jax.random.fold_in(key, u))
-              for u in range(U)]
+  keys_U = continuous.request_keys(key, U)
+  requests = [continuous.Request(tokens_UxP[u][valid_UxP[u]].tolist(), num_samples, None, keys_U[u]) for u in range(U)]
   rows = U * num_samples
   res, _ = continuous.run(config, params, requests, sampling, slots=min(sampling.slots or rows, rows), prompt_len=P)
   rows = [r for per_request in res for r in per_request]
